@@ -1,0 +1,38 @@
+# make test: create .venv when missing, install the project into it, run the CPU test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# DeepSpeed JIT-compiles its CPU ops on first use; keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: install test lint format describe clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Re-install whenever pyproject.toml changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check lafma pipelines tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff format lafma pipelines tests benchmarks
+
+describe: $(STAMP)
+	$(BIN)/lafma describe --config configs/lafma_audiocaps.yaml
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

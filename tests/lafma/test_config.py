@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from lafma.config import ConfigError, LafmaConfig, MelConfig, from_dict, load_config, to_dict
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_configs_are_shipped():
+    assert {p.name for p in CONFIGS} >= {"lafma_audiocaps.yaml", "demo.yaml", "test.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, LafmaConfig)
+    assert from_dict(LafmaConfig, to_dict(cfg)) == cfg
+
+
+def test_paper_config_shapes():
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml")
+    assert cfg.mel_shape() == (1024, 64)
+    assert cfg.latent_shape() == (8, 256, 16)
+    assert cfg.context_dim == 1024
+
+
+def test_misspelt_key_names_itself_with_its_dotted_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "unet:\n  model_chanels: 64\n"))
+    assert e.value.key == "unet.model_chanels"
+    assert "model_channels" in str(e.value)  # suggests the near miss
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "vocodr: {}\n"))
+    assert e.value.key == "vocodr"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("mel:\n  n_mels: sixty-four\n", "mel.n_mels"),
+    ("unet:\n  channel_mult: [1, two]\n", "unet.channel_mult[1]"),
+    ("sampler:\n  solver: leapfrog\n", "sampler.solver"),
+    ("flow:\n  sigma_min: true\n", "flow.sigma_min"),
+    ("text:\n  max_length: 1.5\n", "text.max_length"),
+])
+def test_wrong_type_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert e.value.key == key
+
+
+@pytest.mark.parametrize("override, key", [
+    ("mel.hop_length=0", "mel.hop_length"),
+    ("mel.f_max=9000", "mel.f_max"),
+    ("flow.sigma_min=1.5", "flow.sigma_min"),
+    ("sampler.steps=0", "sampler.steps"),
+    ("vocoder.upsample_rates=[4,4,2,2,2]", "vocoder.upsample_rates"),
+    ("unet.in_channels=4", "unet.in_channels"),
+    ("unet.attention_resolutions=[16]", "unet.attention_resolutions[0]"),
+])
+def test_impossible_value_names_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert e.value.key == key
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["sampler.steps=25", "unet.channel_mult=[1,2,2,4]", "text.kind=tiny_t5"])
+    assert cfg.sampler.steps == 25
+    assert cfg.unet.channel_mult == (1, 2, 2, 4)
+    assert cfg.text.kind == "tiny_t5"
+
+
+def test_mel_hash_is_stable_and_sensitive():
+    assert MelConfig().config_hash() == MelConfig().config_hash()
+    assert MelConfig().config_hash() != MelConfig(n_mels=80).config_hash()
