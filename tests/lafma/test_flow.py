@@ -1,0 +1,123 @@
+import math
+
+import pytest
+import torch
+
+from lafma.flow import ClassifierFreeGuidance, OTPath, drop_condition, flow_matching_loss, solve
+
+
+@pytest.mark.parametrize("sigma_min", [0.0, 1e-4, 0.1])
+def test_path_endpoints_and_target_match_closed_form(sigma_min):
+    g = torch.Generator().manual_seed(0)
+    x0, x1 = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    path = OTPath(sigma_min)
+    xt, v = path.sample(x0, x1, torch.zeros(4))
+    torch.testing.assert_close(xt, x0)
+    xt, _ = path.sample(x0, x1, torch.ones(4))
+    torch.testing.assert_close(xt, x1 + sigma_min * x0)
+    torch.testing.assert_close(v, x1 - (1 - sigma_min) * x0)
+    # The target is the time derivative of the path: check by finite differences.
+    t = torch.rand(4, generator=g)
+    eps = 1e-3
+    forward, _ = path.sample(x0, x1, t + eps)
+    backward, _ = path.sample(x0, x1, t - eps)
+    torch.testing.assert_close((forward - backward) / (2 * eps), v, atol=1e-3, rtol=1e-3)
+
+
+def test_loss_is_zero_for_the_exact_field_and_positive_otherwise():
+    g = torch.Generator().manual_seed(1)
+    x1, x0, t = torch.randn(8, 2, 4, generator=g), torch.randn(8, 2, 4, generator=g), torch.rand(8, generator=g)
+    path = OTPath(0.0)
+
+    def exact(x, tt):  # for sigma_min = 0 and one data point, v = (x1 - x_t) / (1 - t)
+        return (x1 - x) / (1 - tt)[:, None, None]
+
+    assert flow_matching_loss(exact, x1, path, t=t, x0=x0).item() < 1e-10
+    assert flow_matching_loss(lambda x, tt: torch.zeros_like(x), x1, path, t=t, x0=x0).item() > 0.5
+
+
+ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+
+
+@pytest.mark.parametrize("method", list(ORDERS))
+def test_fixed_step_solver_converges_at_its_order(method):
+    # dx/dt = x cos(t), x(0) = 1  =>  x(1) = exp(sin 1).
+    def f(x, t):
+        return x * torch.cos(t)[:, None]
+
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    exact = math.exp(math.sin(1.0))
+    errors = [abs(solve(f, x0, method=method, steps=n).x.item() - exact) for n in (10, 20, 40)]
+    rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    for rate in rates:
+        assert abs(rate - ORDERS[method]) < 0.3, (method, rates)
+
+
+def test_adaptive_solver_meets_tolerance_and_counts_every_evaluation():
+    calls = []
+
+    def f(x, t):
+        calls.append(1)
+        return x * torch.cos(t)[:, None]
+
+    x0 = torch.ones(1, 1, dtype=torch.float64)
+    sol = solve(f, x0, method="dopri5", steps=1, rtol=1e-8, atol=1e-8)
+    assert abs(sol.x.item() - math.exp(math.sin(1.0))) < 1e-6
+    assert sol.nfe == len(calls)
+    assert sol.nfe >= 1 + 6 * sol.steps  # first-same-as-last: 6 new stages per attempted step
+    loose = solve(f, x0, method="dopri5", steps=1, rtol=1e-3, atol=1e-3)
+    assert loose.nfe < sol.nfe  # a looser tolerance takes fewer evaluations
+
+
+@pytest.mark.parametrize("method, per_step", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_nfe_is_exact_and_guidance_counts_its_doubled_batch(method, per_step):
+    calls = []
+
+    def f(x, t, context, context_mask):
+        calls.append(x.shape[0])
+        return -x
+
+    x = torch.randn(3, 2)
+    ctx, mask = torch.randn(3, 4, 5), torch.ones(3, 4, dtype=torch.bool)
+    plain = solve(f, x, method=method, steps=7, context=ctx, context_mask=mask)
+    assert plain.nfe == 7 * per_step == len(calls)
+    calls.clear()
+    cfg = ClassifierFreeGuidance(f, 3.0, torch.randn(2, 5), torch.ones(2, dtype=torch.bool))
+    guided = solve(cfg, x, method=method, steps=7, context=ctx, context_mask=mask)
+    assert guided.nfe == 2 * 7 * per_step
+    assert calls == [6] * (7 * per_step)  # one doubled batch per call
+
+
+def _toy_velocity(x, t, context, context_mask):
+    # Depends on the masked mean of the context, so cond and uncond differ.
+    pooled = (context * context_mask[..., None]).sum(1) / context_mask.sum(1, keepdim=True)
+    return x * t[:, None] + pooled[:, : x.shape[1]]
+
+
+def test_guidance_weight_one_is_conditional_and_zero_is_unconditional():
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(4, 3, generator=g), torch.rand(4, generator=g)
+    ctx, mask = torch.randn(4, 6, 3, generator=g), torch.ones(4, 6, dtype=torch.bool)
+    null, null_mask = torch.randn(1, 2, 3, generator=g), torch.ones(1, 2, dtype=torch.bool)
+    cond = _toy_velocity(x, t, ctx, mask)
+    uncond = _toy_velocity(x, t, null.expand(4, -1, -1), null_mask.expand(4, -1))
+    torch.testing.assert_close(ClassifierFreeGuidance(_toy_velocity, 1.0, null, null_mask)(
+        x, t, context=ctx, context_mask=mask), cond)
+    torch.testing.assert_close(ClassifierFreeGuidance(_toy_velocity, 0.0, null, null_mask)(
+        x, t, context=ctx, context_mask=mask), uncond)
+    w3 = ClassifierFreeGuidance(_toy_velocity, 3.0, null, null_mask)(x, t, context=ctx, context_mask=mask)
+    torch.testing.assert_close(w3, 3 * cond - 2 * uncond)
+
+
+def test_condition_dropout_replaces_with_the_empty_caption():
+    g = torch.Generator().manual_seed(3)
+    ctx, mask = torch.randn(1000, 4, 2, generator=g), torch.ones(1000, 4, dtype=torch.bool)
+    null, null_mask = torch.full((1, 6, 2), 7.0), torch.tensor([[True, True, False, False, False, False]])
+    out, out_mask, dropped = drop_condition(ctx, mask, null, null_mask, 0.1, generator=g)
+    assert out.shape == (1000, 6, 2) and out_mask.shape == (1000, 6)
+    assert 60 < int(dropped.sum()) < 140  # ~10 %
+    assert (out[dropped] == 7.0).all() and (out_mask[dropped] == null_mask).all()
+    torch.testing.assert_close(out[~dropped][:, :4], ctx[~dropped])
+    assert not out_mask[~dropped][:, 4:].any()
+    assert not drop_condition(ctx, mask, null, null_mask, 0.0)[2].any()
+    assert drop_condition(ctx, mask, null, null_mask, 1.0)[2].all()
