@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from lafma.config import UNetConfig
+from lafma.flow import OTPath, flow_matching_loss, solve
+from lafma.unet import UNet
+
+
+def count(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("extra, expected", [(False, 188e6), (True, 273e6)])
+def test_paper_unet_parameter_count(extra, expected):
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        unet = UNet.from_config(UNetConfig(extra_attention=extra), context_dim=1024, time_scale=999.0)
+    assert abs(count(unet) / expected - 1) < 0.05, count(unet)
+
+
+def tiny_unet(**kw) -> UNet:
+    args = dict(in_channels=8, out_channels=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(1, 2), num_head_channels=16, context_dim=12)
+    args.update(kw)
+    return UNet(**args)
+
+
+def randomise(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    # The zero-initialised output layers would hide every effect of attention: undo them.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def test_shapes_and_divisibility():
+    unet = tiny_unet().eval()
+    x = torch.randn(2, 8, 16, 8)
+    assert unet(x, torch.rand(2), torch.randn(2, 3, 12)).shape == x.shape
+    with pytest.raises(ValueError, match="divisible"):
+        unet(torch.randn(1, 8, 15, 8), torch.rand(1), torch.randn(1, 3, 12))
+
+
+def test_masked_text_tokens_do_not_change_the_output():
+    unet = randomise(tiny_unet()).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(1, 8, 8, 8, generator=g), torch.rand(1, generator=g)
+    ctx = torch.randn(1, 3, 12, generator=g)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    # The same caption padded with 5 garbage tokens that the mask hides.
+    padded = torch.cat([ctx, 100 * torch.randn(1, 5, 12, generator=g)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 5, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        ref = unet(x, t, ctx, mask)
+        torch.testing.assert_close(unet(x, t, padded, padded_mask), ref, atol=1e-5, rtol=1e-5)
+        # ...while a visible token does matter, and so would the garbage without the mask.
+        assert (unet(x, t, ctx + 0.5, mask) - ref).abs().max() > 1e-3
+        assert (unet(x, t, padded, torch.ones(1, 8, dtype=torch.bool)) - ref).abs().max() > 1e-3
+
+
+def test_time_scale_is_applied():
+    unet = randomise(tiny_unet(time_scale=999.0)).eval()
+    unscaled = randomise(tiny_unet(time_scale=1.0)).eval()
+    x, ctx, t = torch.randn(1, 8, 8, 8), torch.randn(1, 2, 12), torch.tensor([0.5])
+    with torch.no_grad():
+        assert (unet(x, t, ctx) - unscaled(x, t, ctx)).abs().max() > 1e-3
+        unscaled.time_scale = 999.0
+        torch.testing.assert_close(unet(x, t, ctx), unscaled(x, t, ctx))
+
+
+def test_lfm_overfits_one_latent_and_samples_it_from_noise():
+    torch.manual_seed(0)
+    unet = tiny_unet(attention_resolutions=(2,))
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(1, 8, 8, 8, generator=g).repeat(8, 1, 1, 1)  # one latent, a batch of 8 draws
+    ctx, mask = torch.randn(1, 3, 12, generator=g).repeat(8, 1, 1), torch.ones(8, 3, dtype=torch.bool)
+    path = OTPath(0.0)
+    opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(300):
+        loss = flow_matching_loss(unet, x1, path, generator=g, context=ctx, context_mask=mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first / 5, (first, last)
+    unet.eval()
+    noise = torch.randn(2, 8, 8, 8, generator=g)
+    sample = solve(unet, noise, method="euler", steps=20, context=ctx[:2], context_mask=mask[:2]).x
+    rel = ((sample - x1[:2]).norm() / x1[:2].norm()).item()
+    start = ((noise - x1[:2]).norm() / x1[:2].norm()).item()
+    assert rel < 0.25 and rel < start / 5, (rel, start)
