@@ -294,6 +294,80 @@ class HiFiGANLossConfig:
             _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how raw audio becomes clips.
+
+    ``manifest`` empty means: generate the built-in demo corpus (``demo_clips`` clips).
+    """
+
+    dataset: str = ""
+    manifest: str = ""
+    # Layout of the manifest: auto-detected from its columns unless given.
+    layout: Literal["auto", "generic", "audiocaps", "clotho"] = "auto"
+    # Where relative audio paths resolve (default: the manifest's directory).
+    audio_dir: str = ""
+    # AudioCaps rows name a YouTube clip; this is its file name under audio_dir.
+    audiocaps_pattern: str = "{youtube_id}.wav"
+    demo_clips: int = 240
+    demo_seed: int = 0
+    # A file longer than the clip is cropped to its start, or cut into up to max_segments clips.
+    long_clips: Literal["crop", "segment"] = "segment"
+    max_segments: int = 8
+    # Longer than this is not audio we want (a mis-labelled podcast, a corrupt length field).
+    max_seconds: float = 3600.0
+    # A clip whose RMS is below this (dBFS) is silent: rejected.
+    silence_db: float = -70.0
+    # Captions longer than this many characters are truncated, not rejected.
+    max_caption_chars: int = 512
+    # Rows per output shard: the unit of resumption after a crash.
+    shard_size: int = 64
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.demo_clips >= 0, f"{prefix}.demo_clips", "must be >= 0")
+        _require(self.max_segments >= 1, f"{prefix}.max_segments", "must be >= 1")
+        _require(self.max_seconds > 0, f"{prefix}.max_seconds", "must be positive")
+        _require(self.silence_db < 0, f"{prefix}.silence_db", "must be negative (dBFS)")
+        _require(self.max_caption_chars > 0, f"{prefix}.max_caption_chars", "must be positive")
+        _require(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")
+        _require("/" not in self.dataset and ".." not in self.dataset, f"{prefix}.dataset",
+                 "must be a plain name")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """One root for everything the pipeline writes: a local path or ``s3://bucket/prefix``.
+
+    Credentials (and a custom endpoint, ``AWS_ENDPOINT_URL``) come from the environment,
+    never from configs.
+    """
+
+    root: str = ".lafma"
+
+    def validate(self, prefix: str = "storage") -> None:
+        _require(bool(self.root), f"{prefix}.root", "must not be empty")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Ray resources. Fractional CPUs let a 2-core machine run readers and actors together."""
+
+    # "" starts (or joins, under `ray job submit`) the local/default cluster.
+    ray_address: str = ""
+    audio_task_cpus: float = 0.5
+    text_actors: int = 1
+    text_actor_cpus: float = 0.5
+    text_actor_gpus: float = 0.0
+    text_batch_size: int = 32
+
+    def validate(self, prefix: str = "compute") -> None:
+        _require(self.audio_task_cpus > 0, f"{prefix}.audio_task_cpus", "must be positive")
+        _require(self.text_actors >= 1, f"{prefix}.text_actors", "must be >= 1")
+        _require(self.text_actor_cpus > 0, f"{prefix}.text_actor_cpus", "must be positive")
+        _require(self.text_actor_gpus >= 0, f"{prefix}.text_actor_gpus", "must be >= 0")
+        _require(self.text_batch_size >= 1, f"{prefix}.text_batch_size", "must be >= 1")
+
+
 # --------------------------------------------------------------------------- top level
 
 
@@ -312,6 +386,9 @@ class LafmaConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     vocoder: HiFiGANConfig = field(default_factory=HiFiGANConfig)
     vocoder_loss: HiFiGANLossConfig = field(default_factory=HiFiGANLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -429,7 +506,7 @@ def _similar(a: str, b: str) -> bool:
     return difflib.SequenceMatcher(None, a, b).ratio() >= 0.75
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
+def to_dict(cfg: Any) -> Any:
     """Plain nested dict (tuples as lists) — round-trips through :func:`from_dict`."""
 
     def plain(v: Any) -> Any:
@@ -437,6 +514,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (tuple, list)):
             return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
         return v
 
     return plain(cfg)

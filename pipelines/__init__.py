@@ -1,0 +1,1 @@
+"""Distributed, tracked jobs around the pure-PyTorch ``lafma`` library (Ray, MLflow, DeepSpeed)."""

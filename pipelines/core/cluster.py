@@ -1,0 +1,28 @@
+"""How a job gets its Ray cluster: the one it was submitted to, or a local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from lafma.config import ComputeConfig
+
+# Environment the workers need: S3 credentials and endpoint, and offline hub settings.
+FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+                 "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+                 "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR")
+
+
+def init_ray(compute: ComputeConfig) -> None:
+    """Connect once. Under ``ray job submit`` RAY_ADDRESS points at the cluster; else start locally."""
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+             logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False
+             if address is None else None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("LAFMA_PROGRESS", "1") == "1"

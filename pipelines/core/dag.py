@@ -1,0 +1,96 @@
+"""Run the DAG's stages in order: skip finished ones, resume interrupted ones, select by name."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from lafma.config import LafmaConfig, config_hash
+from pipelines.core import storage
+from pipelines.core.cluster import init_ray
+from pipelines.core.stage import StageContext, digest, read_marker, write_marker
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # "ran", "skipped" (finished before), "not selected"
+    path: str
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def dataset_name(cfg: LafmaConfig) -> str:
+    if cfg.data.dataset:
+        return cfg.data.dataset
+    if not cfg.data.manifest:
+        return "demo"
+    stem = cfg.data.manifest.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "dataset"
+
+
+def select(names: Sequence[str], only: Sequence[str] = (), start: str | None = None,
+           until: str | None = None) -> list[str]:
+    """Which stages to run, by ``--only`` or by the ``--from``/``--until`` range."""
+    for n in [*only, start, until]:
+        if n is not None and n not in names:
+            raise SystemExit(f"unknown stage {n!r}; stages are: {', '.join(names)}")
+    if only:
+        return [n for n in names if n in only]
+    i = names.index(start) if start else 0
+    j = names.index(until) if until else len(names) - 1
+    return list(names[i : j + 1])
+
+
+def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
+            until: str | None = None) -> list[StageReport]:
+    names = [s.name for s in stages]
+    chosen = select(names, only, start, until)
+    ctx = StageContext(cfg=cfg, root=storage.absolute(cfg.storage.root), dataset=dataset_name(cfg))
+    reports: list[StageReport] = []
+    last = max(names.index(n) for n in chosen)
+    for stage in stages[: last + 1]:
+        key = stage.key(ctx)
+        h = digest(key)
+        out = ctx.data_dir(stage.name, h)
+        ctx.hashes[stage.name], ctx.outputs[stage.name] = h, out
+        marker = read_marker(out)
+        if stage.name not in chosen:
+            needed = any(stage.name in s.needs for s in stages if s.name in chosen)
+            if marker is None and needed:
+                raise SystemExit(f"stage {stage.name!r} has not finished for this config (no {out}/_SUCCESS.json); "
+                                 f"run it first, e.g. --until {stage.name}")
+            reports.append(StageReport(stage.name, "not selected" if marker is None else "done before", out,
+                                       info=marker or {}))
+            continue
+        if marker is not None:
+            print(f"[{stage.name}] finished before, skipping ({out})", flush=True)
+            reports.append(StageReport(stage.name, "skipped", out, info=marker))
+            continue
+        print(f"[{stage.name}] running -> {out}", flush=True)
+        init_ray(cfg.compute)  # only now: a run that skips everything never starts Ray
+        t0 = time.time()
+        info = stage.run(ctx, out)
+        seconds = time.time() - t0
+        marker = {"stage": stage.name, "config_hash": config_hash(cfg), "stage_hash": h,
+                  "inputs": {n: ctx.outputs[n] for n in stage.needs}, "seconds": round(seconds, 2),
+                  "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), **info}
+        write_marker(out, marker)
+        reports.append(StageReport(stage.name, "ran", out, seconds, marker))
+    return reports
+
+
+def format_summary(reports: Sequence[StageReport]) -> str:
+    lines = [f"{'stage':<10}{'status':<14}{'time':>9}{'rows':>9}{'rejected':>10}  output"]
+    for r in reports:
+        i = r.info
+        lines.append(f"{r.name:<10}{r.status:<14}{r.seconds:>8.1f}s{i.get('rows', ''):>9}{i.get('rejected', ''):>10}  {r.path}")
+        if i.get("reasons"):
+            lines.append(" " * 10 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
+        if "audio_hours" in i:
+            lines.append(" " * 10 + f"{i['audio_hours'] * 3600:.0f} s of audio, "
+                         f"{i.get('audio_seconds_per_second', 0)} audio-seconds per second")
+    return "\n".join(lines)

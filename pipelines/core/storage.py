@@ -1,0 +1,102 @@
+"""One storage root, local path or ``s3://bucket/prefix``, through fsspec.
+
+Credentials and a custom S3 endpoint come from the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``), never from configs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path
+
+
+def join(root: str, *parts: str) -> str:
+    if is_remote(root):
+        return posixpath.join(root.rstrip("/"), *parts)
+    return os.path.join(root, *parts)
+
+
+def absolute(root: str) -> str:
+    return root if is_remote(root) else os.path.abspath(root)
+
+
+def exists(uri: str) -> bool:
+    fs, path = fs_and_path(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object; atomic locally (temp file + rename) and on S3 (single PUT)."""
+    fs, path = fs_and_path(uri)
+    if is_remote(uri):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes(uri, buf.getvalue())
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Full URIs of the files directly under ``uri`` (sorted); [] if it does not exist."""
+    fs, path = fs_and_path(uri)
+    if not fs.exists(path):
+        return []
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix) and fs.isfile(p))
+    if is_remote(uri):
+        scheme = uri.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in names]
+    return names
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """All ``*.parquet`` files directly under ``uri``, concatenated in name order."""
+    files = list_files(uri, ".parquet")
+    tables = [pq.read_table(io.BytesIO(read_bytes(f)), columns=columns) for f in files]
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def remove(uri: str) -> None:
+    fs, path = fs_and_path(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -1,0 +1,109 @@
+"""Stage 1, audio: decode → mono → 16 kHz → crop / pad / segment → log-mel, as Ray Data tasks.
+
+Output rows: ``id`` (``<source_id>#<k>`` for the k-th segment of a long file), ``source_id``,
+``segment``, ``audio_uri``, ``caption``, ``captions``, ``split``, ``attributes``,
+``valid_samples``, ``waveform`` (clip_samples float32), ``mel`` (n_mels × frames float32,
+row-major, flattened), ``n_mels``, ``frames``. Every unusable file becomes a reject with its
+reason; one bad file never fails a shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pyarrow as pa
+
+from lafma.audio import AudioError, MelSpectrogram, load_audio
+from lafma.config import DataConfig, MelConfig
+from lafma.data.clips import ClipRejected, cut_clips
+from pipelines.core import storage
+from pipelines.core.stage import (
+    StageContext,
+    chunk,
+    rejects_summary,
+    rejects_table,
+    run_shards,
+    write_shard,
+)
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("source_id", pa.string()), ("segment", pa.int32()), ("audio_uri", pa.string()),
+    ("caption", pa.string()), ("captions", pa.list_(pa.string())), ("split", pa.string()),
+    ("attributes", pa.string()), ("valid_samples", pa.int32()), ("waveform", pa.list_(pa.float32())),
+    ("mel", pa.list_(pa.float32())), ("n_mels", pa.int32()), ("frames", pa.int32()),
+])
+
+
+@functools.lru_cache(maxsize=4)
+def _mel_fn(mel: MelConfig) -> MelSpectrogram:
+    return MelSpectrogram.from_config(mel)
+
+
+def process_file(row: dict, mel: MelConfig, data: DataConfig, clip_samples: int) -> tuple[list[dict], dict | None]:
+    """One manifest row → (clip rows, None) or ([], reject)."""
+    uri = row["audio_uri"]
+    reject = {"id": row["id"], "audio_uri": uri}
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return [], {**reject, "reason": "missing", "detail": "no such file"}
+    except (OSError, ValueError) as e:
+        return [], {**reject, "reason": "unreadable", "detail": str(e)[:200]}
+    try:
+        wav = load_audio(raw, mel.sample_rate, name=uri)
+        clips = cut_clips(wav, sample_rate=mel.sample_rate, clip_samples=clip_samples, min_samples=mel.n_fft,
+                          mode=data.long_clips, max_segments=data.max_segments, max_seconds=data.max_seconds,
+                          silence_db=data.silence_db)
+    except AudioError as e:
+        return [], {**reject, "reason": e.reason, "detail": e.detail}
+    except ClipRejected as e:
+        return [], {**reject, "reason": e.reason, "detail": e.detail}
+    segmented = len(clips) > 1 or clips[0].index > 0
+    out = []
+    for clip in clips:
+        m = _mel_fn(mel)(clip.wav)  # (n_mels, frames)
+        out.append({**{k: row[k] for k in ("audio_uri", "caption", "captions", "split", "attributes")},
+                    "id": f"{row['id']}#{clip.index}" if segmented else row["id"], "source_id": row["id"],
+                    "segment": clip.index, "valid_samples": clip.valid_samples,
+                    "waveform": clip.wav.numpy(), "mel": m.flatten().numpy(), "n_mels": m.shape[0],
+                    "frames": m.shape[1]})
+    return out, None
+
+
+def process_shard(item: dict, *, out_dir: str, mel: MelConfig, data: DataConfig, clip_samples: int) -> dict:
+    rows, rejects = [], []
+    for row in item["rows"]:
+        clips, reject = process_file(row, mel, data, clip_samples)
+        rows += clips
+        if reject:
+            rejects.append(reject)
+    table = pa.table({name: [r[name] for r in rows] for name in SCHEMA.names}, schema=SCHEMA)
+    write_shard(out_dir, int(item["shard"]), table, rejects_table(rejects))
+    return {"shard": item["shard"], "rows_out": len(rows), "rejected": len(rejects)}
+
+
+class AudioStage:
+    name = "audio"
+    needs = ("ingest",)
+
+    def key(self, ctx: StageContext) -> dict:
+        d = ctx.cfg.data
+        return {"ingest": ctx.hashes["ingest"], "mel": ctx.cfg.mel, "clip_seconds": ctx.cfg.audio.clip_seconds,
+                "long_clips": d.long_clips, "max_segments": d.max_segments, "max_seconds": d.max_seconds,
+                "silence_db": d.silence_db, "shard_size": d.shard_size}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        manifest = storage.read_parquet_dir(ctx.outputs["ingest"]).to_pylist()
+        shards = chunk(manifest, ctx.cfg.data.shard_size)
+        start = time.time()
+        run_shards(out_dir, shards, process_shard, label="audio", num_cpus=ctx.cfg.compute.audio_task_cpus,
+                   fn_kwargs={"out_dir": out_dir, "mel": ctx.cfg.mel, "data": ctx.cfg.data,
+                              "clip_samples": ctx.cfg.clip_samples})
+        seconds = time.time() - start
+        table = storage.read_parquet_dir(out_dir, columns=["valid_samples", "split"])
+        rejected, reasons = rejects_summary(out_dir)
+        audio_hours = sum(table.column("valid_samples").to_pylist()) / ctx.cfg.mel.sample_rate / 3600
+        return {"rows_in": len(manifest), "rows": table.num_rows, "rejected": rejected, "reasons": reasons,
+                "audio_hours": round(audio_hours, 4), "seconds": round(seconds, 2),
+                "audio_seconds_per_second": round(audio_hours * 3600 / max(seconds, 1e-9), 1)}

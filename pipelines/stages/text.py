@@ -1,0 +1,76 @@
+"""Stage 2, text: unique captions → token embeddings, on a Ray Data actor pool.
+
+Captions are deduplicated by text (AudioCaps repeats many), and the empty caption — the
+unconditional input of classifier-free guidance — is always included. Rows: ``caption_key``
+(sha1 of the text), ``caption``, ``length`` (real tokens L), ``dim`` (D), ``emb`` (L × D
+float32 flattened: only real tokens are stored, the mask is ``ones(L)``).
+The encoder runs in float32 on any device: T5 overflows fp16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pyarrow as pa
+
+from lafma.config import TextConfig
+from pipelines.core import storage
+from pipelines.core.stage import StageContext, chunk, rejects_table, run_shards, write_shard
+
+SCHEMA = pa.schema([("caption_key", pa.string()), ("caption", pa.string()), ("length", pa.int32()),
+                    ("dim", pa.int32()), ("emb", pa.list_(pa.float32()))])
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha1(caption.encode("utf-8")).hexdigest()
+
+
+class EncodeCaptions:
+    """Actor: loads the text encoder once, then encodes and writes one shard per call."""
+
+    def __init__(self, text: TextConfig, out_dir: str, batch_size: int):
+        import torch
+
+        from lafma.text import build_text_encoder
+
+        self.encoder = build_text_encoder(text)
+        if torch.cuda.is_available():
+            self.encoder.to("cuda")
+        self.out_dir, self.batch_size = out_dir, batch_size
+
+    def __call__(self, batch: pa.Table) -> dict:
+        shard = int(batch.column("shard")[0].as_py())
+        captions = [r["caption"] for r in batch.column("rows")[0].as_py()]
+        rows = []
+        for part in chunk(captions, self.batch_size):
+            emb, mask = self.encoder(part)
+            for caption, e, m in zip(part, emb.cpu(), mask.cpu()):
+                n = int(m.sum())
+                rows.append({"caption_key": caption_key(caption), "caption": caption, "length": n,
+                             "dim": e.shape[-1], "emb": e[:n].flatten().numpy()})  # (n, D) -> (n·D,)
+        table = pa.table({name: [r[name] for r in rows] for name in SCHEMA.names}, schema=SCHEMA)
+        write_shard(self.out_dir, shard, table, rejects_table([]))
+        return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
+
+
+class TextStage:
+    name = "text"
+    needs = ("audio",)
+
+    def key(self, ctx: StageContext) -> dict:
+        return {"audio": ctx.hashes["audio"], "text": ctx.cfg.text, "batch": ctx.cfg.compute.text_batch_size}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        table = storage.read_parquet_dir(ctx.outputs["audio"], columns=["captions"])
+        unique = {""} | {c for cs in table.column("captions").to_pylist() for c in cs}
+        captions = sorted(unique)  # deterministic shards: the same captions land in the same files
+        c = ctx.cfg.compute
+        shards = chunk([{"caption": x} for x in captions], 4 * c.text_batch_size)
+        start = time.time()
+        run_shards(out_dir, shards, EncodeCaptions, label="text", num_cpus=c.text_actor_cpus,
+                   num_gpus=c.text_actor_gpus, actors=c.text_actors,
+                   fn_kwargs={"text": ctx.cfg.text, "out_dir": out_dir, "batch_size": c.text_batch_size})
+        written = storage.read_parquet_dir(out_dir, columns=["caption_key"]).num_rows
+        return {"rows_in": table.num_rows, "rows": written, "unique_captions": len(captions), "rejected": 0,
+                "empty_caption_key": caption_key(""), "seconds": round(time.time() - start, 2)}
