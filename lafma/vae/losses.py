@@ -1,0 +1,122 @@
+"""The VAE's training losses: LDM's ``LPIPSWithDiscriminator`` without the image-only LPIPS.
+
+Losses come back as a dict (``"rec/nll"``, ``"kl"``, ``"adv/gen"``, …) to be logged as-is, in
+the shape of descript-audio-codec's loop; ``"total"`` is the one to backpropagate.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lafma.config import VAELossConfig
+from lafma.vae.distributions import DiagonalGaussian
+
+
+def adopt_weight(weight: float, step: int, threshold: int, value: float = 0.0) -> float:
+    """``weight`` from step ``threshold`` on, ``value`` before it (LDM's GAN warm-start)."""
+    return value if step < threshold else weight
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """0.5 * (mean(relu(1 − D(x))) + mean(relu(1 + D(x̂)))): a scalar."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+class VAELoss(nn.Module):
+    """ELBO with a learned-variance L1 likelihood, plus an adaptively weighted hinge GAN.
+
+    Generator objective (LDM): nll + kl_weight · KL + λ · disc_factor(step) · (−mean D(x̂)),
+    where nll = Σ |x − x̂| / exp(s) + s over all elements (s the learned scalar ``logvar``) per
+    sample, and λ = disc_weight · ‖∇_w nll‖ / (‖∇_w g‖ + 1e-4) at the decoder's last layer w,
+    which keeps the adversarial gradient on the scale of the reconstruction gradient.
+
+    Args:
+        kl_weight: weight of the KL term (tiny: the latent only needs to be roughly Gaussian).
+        logvar_init: initial value of the learned log-variance s.
+        disc_start: first step at which the GAN terms count.
+        disc_weight: multiplies the adaptive weight λ.
+        disc_factor: GAN weight from ``disc_start`` on (0 before).
+    """
+
+    def __init__(self, *, kl_weight: float = 1e-6, logvar_init: float = 0.0, disc_start: int = 50001,
+                 disc_weight: float = 0.5, disc_factor: float = 1.0):
+        super().__init__()
+        self.kl_weight = kl_weight
+        self.disc_start = disc_start
+        self.disc_weight = disc_weight
+        self.disc_factor = disc_factor
+        # A learned scalar: the likelihood's scale, trained with the generator.
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+
+    @classmethod
+    def from_config(cls, cfg: VAELossConfig) -> VAELoss:
+        return cls(kl_weight=cfg.kl_weight, logvar_init=cfg.logvar_init, disc_start=cfg.disc_start,
+                   disc_weight=cfg.disc_weight, disc_factor=cfg.disc_factor)
+
+    def disc_factor_at(self, step: int) -> float:
+        """The GAN terms' factor at ``step``: ``disc_factor`` from ``disc_start`` on, else 0."""
+        return adopt_weight(self.disc_factor, step, self.disc_start)
+
+    def adaptive_weight(self, nll: Tensor, g: Tensor, last_layer: Tensor | None) -> Tensor:
+        """disc_weight · ‖∇ nll‖ / (‖∇ g‖ + 1e-4) at ``last_layer``, clamped to [0, 1e4], detached.
+
+        Falls back to 0 when there is no graph to differentiate (evaluation, ``no_grad``).
+        """
+        zero = torch.zeros((), device=nll.device)
+        if last_layer is None or not (nll.requires_grad and g.requires_grad):
+            return zero
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True, allow_unused=True)[0]
+        g_grad = torch.autograd.grad(g, last_layer, retain_graph=True, allow_unused=True)[0]
+        if nll_grad is None or g_grad is None:
+            return zero
+        weight = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
+        return torch.clamp(weight, 0.0, 1e4).detach() * self.disc_weight
+
+    def generator_losses(self, mel: Tensor, recon: Tensor, posterior: DiagonalGaussian,
+                         logits_fake: Tensor | None, step: int,
+                         last_layer: Tensor | None = None) -> dict[str, Tensor]:
+        """Losses of the VAE (the generator) for one batch.
+
+        Args:
+            mel: target (B, n_mels, T).
+            recon: reconstruction (B, n_mels, T).
+            posterior: the encoder's posterior over (B, C, T / r, n_mels / r).
+            logits_fake: discriminator logits on the reconstruction, (B, 1, T', F'), or None
+                before the GAN starts (its terms are then 0).
+            step: global step, for the GAN warm-start.
+            last_layer: the decoder's last weight (``MelVAE.get_last_layer()``).
+
+        Returns:
+            Scalars "rec/l1", "rec/nll", "kl", "adv/gen", "adv/weight", "logvar" and "total".
+        """
+        rec = (mel - recon).abs()  # (B, n_mels, T)
+        nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / rec.shape[0]
+        kl = posterior.kl().mean()
+        factor = self.disc_factor_at(step)
+        if logits_fake is None:
+            g = torch.zeros((), device=mel.device)
+            weight = torch.zeros((), device=mel.device)
+        else:
+            g = -logits_fake.mean()
+            # Skip the two extra backward passes while the GAN term is switched off.
+            weight = self.adaptive_weight(nll, g, last_layer) if factor > 0 else torch.zeros_like(g)
+        total = nll + self.kl_weight * kl + weight * factor * g
+        return {"rec/l1": rec.mean().detach(), "rec/nll": nll, "kl": kl, "adv/gen": g,
+                "adv/weight": weight, "logvar": self.logvar.detach(), "total": total}
+
+    def discriminator_losses(self, logits_real: Tensor, logits_fake: Tensor, step: int) -> dict[str, Tensor]:
+        """Hinge loss of the discriminator, switched on at ``disc_start``.
+
+        Args:
+            logits_real: D on real mel images (B, 1, T', F').
+            logits_fake: D on detached reconstructions (B, 1, T', F').
+            step: global step.
+
+        Returns:
+            Scalars "adv/disc" (to backpropagate), "logits/real" and "logits/fake" (for logging).
+        """
+        loss = self.disc_factor_at(step) * hinge_d_loss(logits_real, logits_fake)
+        return {"adv/disc": loss, "logits/real": logits_real.detach().mean(),
+                "logits/fake": logits_fake.detach().mean()}
