@@ -1,0 +1,101 @@
+"""Griffin-Lim vocoder: a training-free baseline with the HiFi-GAN generator's interface."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor, nn
+
+from lafma.config import MelConfig
+
+# Far below the log-mel floor (clamp_min ~1e-5), far above float32's denormals.
+_TINY = 1e-20
+
+
+class GriffinLimVocoder(nn.Module):
+    """Log-mel → waveform by non-negative mel inversion and Griffin-Lim phase recovery.
+
+    Inverts :class:`lafma.audio.mel.MelSpectrogram`: ``exp`` undoes the log (values clamped
+    there stay at ``clamp_min``), a non-negative inverse of the same slaney filterbank gives
+    a linear magnitude spectrogram, and Griffin-Lim (power 1: magnitudes, not power) finds a
+    consistent phase. Quality is far below HiFi-GAN; it needs no weights, which makes it a
+    baseline and a way to listen to mels before a vocoder is trained.
+
+    The mel inversion is not ``torchaudio.transforms.InverseMelScale``: its least-squares
+    solution goes negative and is then clipped, which wrecks the quiet bins a log-mel weighs
+    as much as the loud ones (mean log-mel error of a 440 Hz tone after Griffin-Lim: 0.67
+    with it, 0.35 with this). Instead, multiplicative updates minimise the KL divergence
+    between the target mel and the mel of a non-negative spectrogram (Lee & Seung, 2001);
+    KL weighs relative, not absolute, error, and ~30 updates match the mel to < 1 %.
+
+    Args:
+        sample_rate, n_fft, win_length, hop_length, n_mels, f_min, f_max: as in
+            :class:`lafma.config.MelConfig`; must match the mels to invert.
+        n_iter: Griffin-Lim iterations.
+        inverse_iters: Multiplicative updates of the mel inversion.
+    """
+
+    def __init__(self, *, sample_rate: int = 16000, n_fft: int = 1024, win_length: int = 1024,
+                 hop_length: int = 160, n_mels: int = 64, f_min: float = 0.0,
+                 f_max: float = 8000.0, n_iter: int = 32, inverse_iters: int = 32):
+        super().__init__()
+        self.hop = hop_length
+        # Griffin-Lim's centred STFT reflect-pads its signal by n_fft / 2, so it needs a
+        # signal ((frames - 1) * hop samples) longer than that: shorter mels get silent frames.
+        self.min_frames = n_fft // (2 * hop_length) + 2
+        self.inverse_iters = inverse_iters
+        # The very filterbank torchaudio.transforms.MelSpectrogram builds for MelSpectrogram.
+        fb = torchaudio.functional.melscale_fbanks(
+            n_freqs=n_fft // 2 + 1, f_min=f_min, f_max=f_max, n_mels=n_mels,
+            sample_rate=sample_rate, norm="slaney", mel_scale="slaney",
+        )  # (F, n_mels)
+        # Not persistent: the vocoder has no weights, so its state dict stays empty.
+        self.register_buffer("fb", fb.T.contiguous(), persistent=False)  # (n_mels, F)
+        self.griffin_lim = torchaudio.transforms.GriffinLim(
+            n_fft=n_fft, n_iter=n_iter, win_length=win_length, hop_length=hop_length, power=1.0,
+        )
+
+    @classmethod
+    def from_config(cls, mel_cfg: MelConfig, n_iter: int = 32,
+                    inverse_iters: int = 32) -> GriffinLimVocoder:
+        return cls(sample_rate=mel_cfg.sample_rate, n_fft=mel_cfg.n_fft,
+                   win_length=mel_cfg.win_length, hop_length=mel_cfg.hop_length,
+                   n_mels=mel_cfg.n_mels, f_min=mel_cfg.f_min, f_max=mel_cfg.f_max,
+                   n_iter=n_iter, inverse_iters=inverse_iters)
+
+    @torch.no_grad()
+    def inverse_mel(self, mel_mag: Tensor) -> Tensor:
+        """Non-negative spectrogram whose mel is ``mel_mag``: (B, n_mels, T) → (B, F, T)."""
+        fb = self.fb
+        # Each bin's total filter weight; bins outside [f_min, f_max] have none and stay ~0.
+        weight = fb.sum(0)[:, None].clamp_min(_TINY)  # (F, 1)
+        # Start from the weight-averaged mel energies covering each bin: smooth and positive.
+        spec = fb.T @ mel_mag / weight  # (B, F, T)
+        for _ in range(self.inverse_iters):
+            # KL multiplicative update; the floor keeps values out of the (slow) denormals.
+            ratio = mel_mag / (fb @ spec).clamp_min(_TINY)  # (B, n_mels, T)
+            spec = (spec * (fb.T @ ratio) / weight).clamp_min(_TINY)
+        return spec
+
+    @torch.no_grad()
+    def forward(self, mel: Tensor) -> Tensor:
+        """Vocode.
+
+        Args:
+            mel: (B, n_mels, T) log-mel.
+
+        Returns:
+            (B, T * hop) waveform. Griffin-Lim's random initial phase draws from the global
+            RNG: seed it for reproducible output.
+        """
+        n_out = mel.shape[-1] * self.hop
+        spec = self.inverse_mel(torch.exp(mel.float()))  # (B, F, T) magnitude
+        spec = F.pad(spec, (0, max(0, self.min_frames - spec.shape[-1])))  # (B, F, T' >= T)
+        wav = self.griffin_lim(spec)  # (B, (T' - 1) * hop)
+        # GriffinLim's STFT is centred, so its frame k sits on output sample k * hop, while
+        # MelSpectrogram's frame k sits on input sample k * hop + hop / 2: delay by half a
+        # hop, then pad or crop to exactly T * hop.
+        wav = F.pad(wav, (self.hop // 2, 0))
+        wav = F.pad(wav, (0, max(0, n_out - wav.shape[-1])))
+        return wav[..., :n_out]

@@ -1,0 +1,138 @@
+"""HiFi-GAN losses: LSGAN adversarial terms, feature matching and mel L1.
+
+Each term is an unweighted scalar; :func:`generator_losses` and :func:`discriminator_losses`
+return them in a dict keyed like descript-audio-codec (``"mel/l1"``, ``"adv/gen"``,
+``"adv/feat"``, ``"adv/disc"``) so they can be logged as-is, and :func:`weighted_sum` applies
+the lambdas (:func:`loss_weights` reads them from :class:`HiFiGANLossConfig`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lafma.config import HiFiGANLossConfig
+
+
+def feature_matching_loss(fmaps_real: Sequence[Sequence[Tensor]],
+                          fmaps_fake: Sequence[Sequence[Tensor]]) -> Tensor:
+    """Sum over discriminators and layers of mean |real - fake| activations.
+
+    Args:
+        fmaps_real: Per discriminator, its layer activations on real audio (targets; detached).
+        fmaps_fake: The same on generated audio.
+
+    Returns:
+        Scalar loss.
+    """
+    terms = [torch.mean(torch.abs(r.detach() - f))
+             for d_real, d_fake in zip(fmaps_real, fmaps_fake, strict=True)
+             for r, f in zip(d_real, d_fake, strict=True)]
+    return torch.stack(terms).sum()
+
+
+def discriminator_loss(real_logits: Sequence[Tensor], fake_logits: Sequence[Tensor]) -> Tensor:
+    """LSGAN discriminator loss, summed over discriminators: mean((1 - r)^2) + mean(f^2).
+
+    Args:
+        real_logits: Per discriminator, (B, L_i) logits on real audio.
+        fake_logits: The same on generated audio (detach the generator before calling).
+
+    Returns:
+        Scalar loss; 0 for a perfect discriminator (real → 1, fake → 0).
+    """
+    terms = [torch.mean((1 - r) ** 2) + torch.mean(f ** 2)
+             for r, f in zip(real_logits, fake_logits, strict=True)]
+    return torch.stack(terms).sum()
+
+
+def generator_adversarial_loss(fake_logits: Sequence[Tensor]) -> Tensor:
+    """LSGAN generator loss, summed over discriminators: mean((1 - f)^2).
+
+    Args:
+        fake_logits: Per discriminator, (B, L_i) logits on generated audio.
+
+    Returns:
+        Scalar loss.
+    """
+    return torch.stack([torch.mean((1 - f) ** 2) for f in fake_logits]).sum()
+
+
+def mel_l1_loss(mel_fn: Callable[[Tensor], Tensor], wav_fake: Tensor, mel_real: Tensor) -> Tensor:
+    """Mean absolute log-mel error of the generated waveform.
+
+    Args:
+        mel_fn: Waveform (B, N) → log-mel (B, n_mels, N // hop), e.g. ``MelSpectrogram``.
+        wav_fake: (B, N) generated waveform.
+        mel_real: (B, n_mels, N // hop) target log-mel (the generator's input).
+
+    Returns:
+        Scalar loss.
+    """
+    return F.l1_loss(mel_fn(wav_fake), mel_real)
+
+
+def generator_losses(disc: nn.Module, mel_fn: Callable[[Tensor], Tensor], wav_real: Tensor,
+                     wav_fake: Tensor, mel_real: Tensor) -> dict[str, Tensor]:
+    """The generator step's unweighted terms.
+
+    Args:
+        disc: Waveform (B, N) → (logits list, feature-map lists), e.g. ``HiFiGANDiscriminator``.
+            Freeze it (``requires_grad_(False)``) around the generator step.
+        mel_fn: Waveform → log-mel, the same one that made ``mel_real``.
+        wav_real: (B, N) ground-truth waveform.
+        wav_fake: (B, N) generator output (not detached).
+        mel_real: (B, n_mels, N // hop) log-mel of ``wav_real``.
+
+    Returns:
+        ``{"mel/l1", "adv/gen", "adv/feat"}`` scalars.
+    """
+    with torch.no_grad():  # real activations are fixed targets
+        _, fmaps_real = disc(wav_real)
+    fake_logits, fmaps_fake = disc(wav_fake)
+    return {
+        "mel/l1": mel_l1_loss(mel_fn, wav_fake, mel_real),
+        "adv/gen": generator_adversarial_loss(fake_logits),
+        "adv/feat": feature_matching_loss(fmaps_real, fmaps_fake),
+    }
+
+
+def discriminator_losses(disc: nn.Module, wav_real: Tensor, wav_fake: Tensor) -> dict[str, Tensor]:
+    """The discriminator step's loss; ``wav_fake`` is detached here.
+
+    Args:
+        disc: Waveform (B, N) → (logits list, feature-map lists).
+        wav_real: (B, N) ground-truth waveform.
+        wav_fake: (B, N) generator output.
+
+    Returns:
+        ``{"adv/disc"}`` scalar.
+    """
+    real_logits, _ = disc(wav_real)
+    fake_logits, _ = disc(wav_fake.detach())
+    return {"adv/disc": discriminator_loss(real_logits, fake_logits)}
+
+
+def loss_weights(cfg: HiFiGANLossConfig) -> dict[str, float]:
+    """Lambdas for :func:`weighted_sum`, keyed like the loss dicts."""
+    return {"mel/l1": cfg.lambda_mel, "adv/feat": cfg.lambda_feat, "adv/gen": cfg.lambda_adv,
+            "adv/disc": 1.0}
+
+
+def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """Sum of ``weights[k] * losses[k]`` over the keys both share.
+
+    Keys only in ``weights`` are skipped, so one weight dict serves the generator and the
+    discriminator steps (as in descript-audio-codec); a loss without a weight is logged but
+    not optimised.
+
+    Raises:
+        ValueError: If no key is shared (almost certainly a typo).
+    """
+    keys = [k for k in weights if k in losses]
+    if not keys:
+        raise ValueError(f"no weighted loss among {sorted(losses)}; weights have {sorted(weights)}")
+    return torch.stack([weights[k] * losses[k] for k in keys]).sum()
