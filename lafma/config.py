@@ -254,7 +254,12 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class HiFiGANConfig:
-    """HiFi-GAN V1 generator; the product of ``upsample_rates`` must equal the mel hop."""
+    """HiFi-GAN V1 generator and its MPD + MSD discriminators.
+
+    The product of ``upsample_rates`` must equal the mel hop. With 1024 initial channels (the
+    16 kHz vocoder AudioLDM uses) the generator has 55.3 M parameters; the published 13.9 M
+    is V1 at 512 channels and 22 kHz.
+    """
 
     upsample_rates: tuple[int, ...] = (5, 4, 2, 2, 2)
     upsample_kernel_sizes: tuple[int, ...] = (16, 16, 8, 4, 4)
@@ -262,8 +267,11 @@ class HiFiGANConfig:
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
     mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
+    # Channel multiplier of both discriminators (1.0: the paper's 41.1 M MPD + 29.6 M MSD).
+    disc_width_mult: float = 1.0
 
     def validate(self, prefix: str = "vocoder") -> None:
+        _require(0 < self.disc_width_mult <= 4, f"{prefix}.disc_width_mult", "must be in (0, 4]")
         _require(len(self.upsample_rates) == len(self.upsample_kernel_sizes), f"{prefix}.upsample_kernel_sizes",
                  "needs one kernel per upsample rate")
         for i, (r, k) in enumerate(zip(self.upsample_rates, self.upsample_kernel_sizes)):

@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "lafma.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_describe_paper_config_json():
+    out = run("describe", "--config", "configs/lafma_audiocaps.yaml", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["mel_shape"] == [1024, 64]
+    assert info["latent_shape"] == [8, 256, 16]
+    comp = info["components"]
+    assert abs(comp["vae"]["params"] / 53e6 - 1) < 0.05
+    assert abs(comp["unet"]["params"] / 188e6 - 1) < 0.05
+    assert comp["text_encoder"]["dim"] == 1024
+
+
+def test_describe_extra_attention_override():
+    out = run("describe", "--config", "configs/lafma_audiocaps.yaml", "--json", "unet.extra_attention=true")
+    assert abs(json.loads(out.stdout)["components"]["unet"]["params"] / 273e6 - 1) < 0.05
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "test.yaml"])
+def test_describe_small_configs_as_text(config):
+    out = run("describe", "--config", f"configs/{config}")
+    assert out.returncode == 0, out.stderr
+    assert "latent" in out.stdout and "unet" in out.stdout
+
+
+def test_config_error_is_reported_with_its_key():
+    out = run("describe", "--config", "configs/test.yaml", "unet.model_chanels=64")
+    assert out.returncode == 2
+    assert "unet.model_chanels" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from lafma.config import load_config
+from lafma.models import build_pipeline, build_unet
+
+CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    cfg = load_config(CONFIG)
+    torch.manual_seed(0)
+    unet = build_unet(cfg)
+    # Random (not zero-initialised) output layers, so text and noise both shape the audio.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return build_pipeline(cfg, unet=unet)
+
+
+def test_output_length_follows_duration_and_nfe_follows_solver(pipe):
+    out = pipe.generate(["a dog barks"], seeds=[0], duration=0.5, steps=3, guidance=3.0, solver="euler")
+    assert out.audio.shape == (1, 8000) and out.sample_rate == 16000
+    assert out.nfe == 6  # guidance doubles every evaluation
+    assert pipe.generate(["a dog barks"], seeds=[0], duration=0.5, steps=3, guidance=1.0).nfe == 3
+    assert pipe.generate(["a dog barks"], seeds=[0], duration=0.5, steps=3, solver="rk4").nfe == 24
+    assert torch.isfinite(out.audio).all()
+    assert out.audio.abs().max() <= 0.95 + 1e-6  # peak-normalised
+
+
+def test_same_caption_and_seed_give_the_same_audio_whatever_else_is_in_the_batch(pipe):
+    kw = dict(duration=0.64, steps=3)
+    ref = pipe.generate(["a cello plays a low note"], seeds=[7], **kw)
+    alone = ref.audio[0]
+    batch = pipe.generate(["three short high beeps and a long tail", "a cello plays a low note", "rain"],
+                          seeds=[1, 7, 3], **kw)
+    torch.testing.assert_close(batch.latents[1], ref.latents[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch.audio[1], alone, atol=2e-4, rtol=1e-3)
+    again = pipe.generate(["a cello plays a low note"], seeds=[7], **kw).audio[0]
+    torch.testing.assert_close(again, alone)
+    # ...and the seed and the caption both matter.
+    other_seed = pipe.generate(["a cello plays a low note"], seeds=[8], **kw).audio[0]
+    other_text = pipe.generate(["rain on a tin roof"], seeds=[7], **kw).latents[0]
+    assert (other_seed - alone).abs().max() > 1e-2
+    assert (other_text - ref.latents[0]).abs().max() > 1e-3  # 10x the batch tolerance above
+
+
+def test_seeds_are_returned_when_drawn_and_checked_when_given(pipe):
+    out = pipe.generate(["a", "b"], duration=0.32, steps=1)
+    assert len(out.seeds) == 2
+    again = pipe.generate(["a", "b"], seeds=out.seeds, duration=0.32, steps=1)
+    torch.testing.assert_close(again.audio, out.audio)
+    with pytest.raises(ValueError, match="seeds"):
+        pipe.generate(["a", "b"], seeds=[1], duration=0.32)
+    with pytest.raises(ValueError, match="duration"):
+        pipe.generate(["a"], seeds=[1], duration=10_000)
+
+
+def test_empty_caption_is_a_valid_input(pipe):
+    out = pipe.generate([""], seeds=[0], duration=0.32, steps=2)
+    assert torch.isfinite(out.audio).all()
