@@ -16,8 +16,12 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Re-install whenever pyproject.toml changes.
-$(STAMP): pyproject.toml | $(BIN)/python
+# Packages whose dependencies we must not take (tinysoundfont's is an audio-playback library).
+NO_DEPS := tinysoundfont>=0.3
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "$(NO_DEPS)"
 	touch $(STAMP)
 
 install: $(STAMP)

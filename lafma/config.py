@@ -362,7 +362,8 @@ class ComputeConfig:
 
     # "" starts (or joins, under `ray job submit`) the local/default cluster.
     ray_address: str = ""
-    audio_task_cpus: float = 0.5
+    # Audio tasks are CPU-bound and single-threaded: one per core beats two per core.
+    audio_task_cpus: float = 1.0
     text_actors: int = 1
     text_actor_cpus: float = 0.5
     text_actor_gpus: float = 0.0

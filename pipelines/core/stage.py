@@ -91,6 +91,9 @@ def run_shards(out_dir: str, shards: list[list[dict]], fn: Callable | type, *, l
     if not todo:
         return 0
     items = [{"shard": i, "rows": shards[i]} for i in todo]
+    # One operator, no downstream consumer to starve: Ray Data's per-operator reservation
+    # only holds CPUs back here (it cost a third of the stage's throughput on 2 cores).
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     if actors:
         ds = ds.map_batches(fn, batch_size=1, compute=ActorPoolStrategy(size=actors), num_cpus=num_cpus,
@@ -115,6 +118,27 @@ def rejects_summary(out_dir: str) -> tuple[int, dict[str, int]]:
     for r in table.column("reason").to_pylist():
         reasons[r] = reasons.get(r, 0) + 1
     return table.num_rows, dict(sorted(reasons.items()))
+
+
+def arrow_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows → table; float-list columns are built from one flat buffer and offsets.
+
+    ``pa.table`` on a list of numpy arrays converts element by element (about 2 ms per 10 s
+    clip); concatenating and wrapping is ~100x cheaper and dominates nothing.
+    """
+    import numpy as np
+
+    cols = {}
+    for f in schema:
+        values = [r[f.name] for r in rows]
+        if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type):
+            lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
+            flat = np.concatenate(values).astype(np.float32) if values else np.zeros(0, np.float32)
+            cols[f.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+        else:
+            cols[f.name] = pa.array(values, type=f.type)
+    return pa.table(cols, schema=schema)
 
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("audio_uri", pa.string()), ("reason", pa.string()),

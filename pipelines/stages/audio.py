@@ -20,6 +20,7 @@ from lafma.data.clips import ClipRejected, cut_clips
 from pipelines.core import storage
 from pipelines.core.stage import (
     StageContext,
+    arrow_table,
     chunk,
     rejects_summary,
     rejects_table,
@@ -78,7 +79,7 @@ def process_shard(item: dict, *, out_dir: str, mel: MelConfig, data: DataConfig,
         rows += clips
         if reject:
             rejects.append(reject)
-    table = pa.table({name: [r[name] for r in rows] for name in SCHEMA.names}, schema=SCHEMA)
+    table = arrow_table(rows, SCHEMA)
     write_shard(out_dir, int(item["shard"]), table, rejects_table(rejects))
     return {"shard": item["shard"], "rows_out": len(rows), "rejected": len(rejects)}
 

@@ -16,7 +16,14 @@ import pyarrow as pa
 
 from lafma.config import TextConfig
 from pipelines.core import storage
-from pipelines.core.stage import StageContext, chunk, rejects_table, run_shards, write_shard
+from pipelines.core.stage import (
+    StageContext,
+    arrow_table,
+    chunk,
+    rejects_table,
+    run_shards,
+    write_shard,
+)
 
 SCHEMA = pa.schema([("caption_key", pa.string()), ("caption", pa.string()), ("length", pa.int32()),
                     ("dim", pa.int32()), ("emb", pa.list_(pa.float32()))])
@@ -49,7 +56,7 @@ class EncodeCaptions:
                 n = int(m.sum())
                 rows.append({"caption_key": caption_key(caption), "caption": caption, "length": n,
                              "dim": e.shape[-1], "emb": e[:n].flatten().numpy()})  # (n, D) -> (n·D,)
-        table = pa.table({name: [r[name] for r in rows] for name in SCHEMA.names}, schema=SCHEMA)
+        table = arrow_table(rows, SCHEMA)
         write_shard(self.out_dir, shard, table, rejects_table([]))
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
