@@ -84,13 +84,14 @@ def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), sta
 
 
 def format_summary(reports: Sequence[StageReport]) -> str:
-    lines = [f"{'stage':<10}{'status':<14}{'time':>9}{'rows':>9}{'rejected':>10}  output"]
+    lines = [f"{'stage':<10}{'status':<14}{'time':>9}{'rows in':>9}{'rows out':>10}{'rejected':>10}  output"]
     for r in reports:
         i = r.info
-        lines.append(f"{r.name:<10}{r.status:<14}{r.seconds:>8.1f}s{i.get('rows', ''):>9}{i.get('rejected', ''):>10}  {r.path}")
+        lines.append(f"{r.name:<10}{r.status:<14}{i.get('seconds', r.seconds):>8.1f}s{i.get('rows_in', ''):>9}"
+                     f"{i.get('rows', ''):>10}{i.get('rejected', ''):>10}  {r.path}")
         if i.get("reasons"):
             lines.append(" " * 10 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
         if "audio_hours" in i:
-            lines.append(" " * 10 + f"{i['audio_hours'] * 3600:.0f} s of audio, "
-                         f"{i.get('audio_seconds_per_second', 0)} audio-seconds per second")
+            lines.append(" " * 10 + f"{i['audio_hours']:.3f} h of audio, "
+                         f"{i.get('audio_seconds_per_second', 0)}x real time")
     return "\n".join(lines)

@@ -72,5 +72,8 @@ class IngestStage:
         splits: dict[str, int] = {}
         for r in m.rows:
             splits[r["split"]] = splits.get(r["split"], 0) + 1
+        reasons: dict[str, int] = {}
+        for r in m.rejects:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         return {"rows_in": len(m.rows) + len(m.rejects), "rows": len(m.rows), "rejected": len(m.rejects),
-                "layout": m.layout, "manifest": uri, "splits": splits}
+                "reasons": dict(sorted(reasons.items())), "layout": m.layout, "manifest": uri, "splits": splits}
