@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -377,6 +378,62 @@ class ComputeConfig:
         _require(self.text_batch_size >= 1, f"{prefix}.text_batch_size", "must be >= 1")
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training job: optimisation, distribution and bookkeeping.
+
+    ``steps`` counts micro-batches; the optimiser updates every ``grad_accum`` of them.
+    ``fail_at_step`` makes the first attempt of the job raise at that step, to prove that a
+    restarted worker group resumes from its last checkpoint (-1: off).
+    """
+
+    steps: int = 1000
+    batch_size: int = 8  # per worker, per micro-step
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    zero_stage: int = 2
+    # "auto": bf16 on GPU, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 1
+    checkpoint_every: int = 500
+    log_every: int = 10
+    sample_every: int = 500
+    # Frames of mel per training example (random crop); 0 = the whole clip.
+    crop_frames: int = 0
+    # The discriminator's own learning rate (GAN jobs); 0 = lr.
+    disc_lr: float = 0.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    fail_at_step: int = -1
+
+    def validate(self, prefix: str = "train") -> None:
+        _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _require(self.lr > 0, f"{prefix}.lr", "must be positive")
+        _require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
+        _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", "must be 0, 1, 2 or 3")
+        _require(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be positive")
+        _require(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", "must be >= 0")
+        _require(self.max_failures >= 0, f"{prefix}.max_failures", "must be >= 0")
+        _require(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
+        _require(self.log_every >= 1 and self.sample_every >= 1, f"{prefix}.log_every", "must be >= 1")
+        _require(self.crop_frames >= 0, f"{prefix}.crop_frames", "must be >= 0")
+        _require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
+        _require(self.fail_at_step >= -1, f"{prefix}.fail_at_step", "must be >= -1 (-1: off)")
+
+
 # --------------------------------------------------------------------------- top level
 
 
@@ -398,6 +455,11 @@ class LafmaConfig:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # The paper: VAE Adam 1e-5, betas (0.5, 0.9); HiFi-GAN AdamW 2e-4, (0.8, 0.99); LFM Adam 1e-4.
+    train_vae: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, betas=(0.5, 0.9), crop_frames=1024))
+    train_vocoder: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=2e-4, betas=(0.8, 0.99), weight_decay=0.01, crop_frames=32, batch_size=16))
+    train_lfm: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=1000))
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -434,6 +496,9 @@ class LafmaConfig:
 
 
 # --------------------------------------------------------------------------- loading
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -481,6 +546,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected a bool, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, which reads "1e-4" (no dot) as a string.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
         return float(value)
@@ -505,8 +573,29 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             close = [n for n in names if _similar(str(k), n)]
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(dotted, f"unknown key{hint}")
-    kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        default = _field_default(fields[k])
+        if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
+            # A partial section overrides the field's own default (e.g. train_vae's lr), not
+            # the section class's defaults.
+            v = _deep_merge(to_dict(default), v)
+        kwargs[k] = _convert(hints[k], v, f"{prefix}.{k}" if prefix else k)
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
+    return out
 
 
 def _similar(a: str, b: str) -> bool:

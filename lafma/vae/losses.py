@@ -48,7 +48,9 @@ class VAELoss(nn.Module):
         self.disc_weight = disc_weight
         self.disc_factor = disc_factor
         # A learned scalar: the likelihood's scale, trained with the generator.
-        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which
+        # 0-dim tensors cannot give.
+        self.logvar = nn.Parameter(torch.full((1,), float(logvar_init)))
 
     @classmethod
     def from_config(cls, cfg: VAELossConfig) -> VAELoss:
@@ -61,6 +63,9 @@ class VAELoss(nn.Module):
 
     def adaptive_weight(self, nll: Tensor, g: Tensor, last_layer: Tensor | None) -> Tensor:
         """disc_weight · ‖∇ nll‖ / (‖∇ g‖ + 1e-4) at ``last_layer``, clamped to [0, 1e4], detached.
+
+        ``last_layer`` is any tensor both losses depend on: the decoder's last weight (LDM), or
+        its output (what the DeepSpeed job uses: see ``pipelines/train/gan.py``).
 
         Falls back to 0 when there is no graph to differentiate (evaluation, ``no_grad``).
         """
@@ -76,7 +81,7 @@ class VAELoss(nn.Module):
 
     def generator_losses(self, mel: Tensor, recon: Tensor, posterior: DiagonalGaussian,
                          logits_fake: Tensor | None, step: int,
-                         last_layer: Tensor | None = None) -> dict[str, Tensor]:
+                         last_layer: Tensor | None = None, adv_weight: Tensor | None = None) -> dict[str, Tensor]:
         """Losses of the VAE (the generator) for one batch.
 
         Args:
@@ -87,6 +92,8 @@ class VAELoss(nn.Module):
                 before the GAN starts (its terms are then 0).
             step: global step, for the GAN warm-start.
             last_layer: the decoder's last weight (``MelVAE.get_last_layer()``).
+            adv_weight: a precomputed adaptive weight, used instead of differentiating here
+                (a distributed engine may not allow a second backward through its graph).
 
         Returns:
             Scalars "rec/l1", "rec/nll", "kl", "adv/gen", "adv/weight", "logvar" and "total".
@@ -101,7 +108,10 @@ class VAELoss(nn.Module):
         else:
             g = -logits_fake.mean()
             # Skip the two extra backward passes while the GAN term is switched off.
-            weight = self.adaptive_weight(nll, g, last_layer) if factor > 0 else torch.zeros_like(g)
+            if adv_weight is not None:
+                weight = adv_weight.detach()
+            else:
+                weight = self.adaptive_weight(nll, g, last_layer) if factor > 0 else torch.zeros_like(g)
         total = nll + self.kl_weight * kl + weight * factor * g
         return {"rec/l1": rec.mean().detach(), "rec/nll": nll, "kl": kl, "adv/gen": g,
                 "adv/weight": weight, "logvar": self.logvar.detach(), "total": total}

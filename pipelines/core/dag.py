@@ -58,6 +58,8 @@ def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), sta
         out = ctx.data_dir(stage.name, h)
         ctx.hashes[stage.name], ctx.outputs[stage.name] = h, out
         marker = read_marker(out)
+        if marker is not None and hasattr(stage, "done") and not stage.done(marker, ctx):
+            marker = None  # e.g. a training stage asked for more steps: resume it
         if stage.name not in chosen:
             needed = any(stage.name in s.needs for s in stages if s.name in chosen)
             if marker is None and needed:
@@ -84,14 +86,14 @@ def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), sta
 
 
 def format_summary(reports: Sequence[StageReport]) -> str:
-    lines = [f"{'stage':<10}{'status':<14}{'time':>9}{'rows in':>9}{'rows out':>10}{'rejected':>10}  output"]
+    lines = [f"{'stage':<14}{'status':<14}{'time':>9}{'rows in':>9}{'rows out':>10}{'rejected':>10}  output"]
     for r in reports:
         i = r.info
-        lines.append(f"{r.name:<10}{r.status:<14}{i.get('seconds', r.seconds):>8.1f}s{i.get('rows_in', ''):>9}"
+        lines.append(f"{r.name:<14}{r.status:<14}{i.get('seconds', r.seconds):>8.1f}s{i.get('rows_in', ''):>9}"
                      f"{i.get('rows', ''):>10}{i.get('rejected', ''):>10}  {r.path}")
         if i.get("reasons"):
-            lines.append(" " * 10 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
+            lines.append(" " * 14 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
         if "audio_hours" in i:
-            lines.append(" " * 10 + f"{i['audio_hours']:.3f} h of audio, "
+            lines.append(" " * 14 + f"{i['audio_hours']:.3f} h of audio, "
                          f"{i.get('audio_seconds_per_second', 0)}x real time")
     return "\n".join(lines)

@@ -35,6 +35,8 @@ class StageContext:
     dataset: str
     hashes: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    # The pipeline's MLflow parent run; each stage's run is its child.
+    parent_run_id: str | None = None
 
     def data_dir(self, stage: str, digest: str) -> str:
         return storage.join(self.root, "data", self.dataset, f"{stage}-{digest}")

@@ -87,6 +87,10 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return names
 
 
+def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+
+
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
     """All ``*.parquet`` files directly under ``uri``, concatenated in name order."""
     files = list_files(uri, ".parquet")

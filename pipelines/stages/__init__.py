@@ -4,7 +4,10 @@ its output path hashes) and ``run`` (which writes everything, then the marker)."
 from pipelines.stages.audio import AudioStage
 from pipelines.stages.ingest import IngestStage
 from pipelines.stages.text import TextStage
+from pipelines.stages.train import LatentsStage, TrainLFMStage, TrainVAEStage, TrainVocoderStage
 
-STAGES = [IngestStage(), AudioStage(), TextStage()]
+STAGES = [IngestStage(), AudioStage(), TextStage(), TrainVAEStage(), TrainVocoderStage(), LatentsStage(),
+          TrainLFMStage()]
 
-__all__ = ["STAGES", "AudioStage", "IngestStage", "TextStage"]
+__all__ = ["STAGES", "AudioStage", "IngestStage", "LatentsStage", "TextStage", "TrainLFMStage", "TrainVAEStage",
+           "TrainVocoderStage"]

@@ -82,3 +82,17 @@ def test_overrides_parse_yaml_values():
 def test_mel_hash_is_stable_and_sensitive():
     assert MelConfig().config_hash() == MelConfig().config_hash()
     assert MelConfig().config_hash() != MelConfig(n_mels=80).config_hash()
+
+
+def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "train_vae:\n  steps: 7\n"))
+    assert cfg.train_vae.steps == 7
+    assert cfg.train_vae.lr == 1e-5 and cfg.train_vae.betas == (0.5, 0.9)  # the VAE's, not TrainConfig's
+    assert load_config(None, ["train_vocoder.batch_size=3"]).train_vocoder.lr == 2e-4
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    assert load_config(write(tmp_path, "train_lfm:\n  lr: 3e-4\n")).train_lfm.lr == 3e-4
+    assert load_config(None, ["flow.sigma_min=1e-4"]).flow.sigma_min == 1e-4
+    with pytest.raises(ConfigError):
+        load_config(None, ["flow.sigma_min=small"])

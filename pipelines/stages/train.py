@@ -1,0 +1,147 @@
+"""Stages 3-6: train the VAE, train the vocoder, encode latents, train the LFM."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from lafma.config import LafmaConfig, to_dict
+from pipelines.core import storage
+from pipelines.core.stage import StageContext, arrow_table, rejects_table, run_shards, write_shard
+from pipelines.stages.text import caption_key
+
+LATENT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("caption", pa.string()), ("caption_key", pa.string()), ("split", pa.string()),
+    ("mean", pa.list_(pa.float32())), ("logvar", pa.list_(pa.float32())), ("emb", pa.list_(pa.float32())),
+    ("length", pa.int32()),
+])
+
+
+# How long and how observably a job runs, not what it learns: left out of the stage hash so
+# that raising ``steps`` resumes the same run instead of starting a new one.
+OPERATIONAL = ("steps", "log_every", "sample_every", "checkpoint_every", "max_failures", "fail_at_step")
+
+
+def _model_section(cfg: LafmaConfig, *names: str) -> dict:
+    out = {}
+    for n in names:
+        value = getattr(cfg, n)
+        out[n] = {k: v for k, v in to_dict(value).items() if k not in OPERATIONAL} if n.startswith("train_") else value
+    return out
+
+
+class _TrainStage:
+    section = ""
+
+    def done(self, marker: dict, ctx: StageContext) -> bool:
+        """Finished only if it reached the configured number of steps."""
+        return int(marker.get("steps") or 0) >= getattr(ctx.cfg, self.section).steps
+
+
+class TrainVAEStage(_TrainStage):
+    name = section = "train_vae"
+    needs = ("audio",)
+
+    def key(self, ctx: StageContext) -> dict:
+        return {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", "train_vae")}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        from pipelines.train.launch import train_job
+
+        return train_job(ctx.cfg, "vae", root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
+                         stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
+
+
+class TrainVocoderStage(_TrainStage):
+    name = section = "train_vocoder"
+    needs = ("audio",)
+
+    def key(self, ctx: StageContext) -> dict:
+        return {"audio": ctx.hashes["audio"],
+                **_model_section(ctx.cfg, "mel", "vocoder", "vocoder_loss", "train_vocoder")}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        from pipelines.train.launch import train_job
+
+        return train_job(ctx.cfg, "vocoder", root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
+                         stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
+
+
+class EncodeLatents:
+    """Actor: the trained VAE's posterior for each clip, one row per (clip, caption) with the
+    caption's embedding, so the LFM reads one table. The text table is loaded whole: fine up to
+    a few GB of embeddings (AudioCaps with FLAN-T5-Large is ~3 GB); larger needs a Ray Data join."""
+
+    def __init__(self, cfg: dict, vae_weights: str, text_dir: str, out_dir: str):
+        import torch
+
+        from lafma.config import LafmaConfig, from_dict
+        from lafma.models import build_vae
+        from pipelines.train.worker import load_safetensors
+
+        self.cfg = from_dict(LafmaConfig, cfg)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.vae = build_vae(self.cfg)
+        self.vae.load_state_dict(load_safetensors(vae_weights))
+        self.vae = self.vae.to(self.device).eval()
+        text = storage.read_parquet_dir(text_dir, columns=["caption_key", "emb", "length"])
+        self.text = {k: (e, n) for k, e, n in zip(*(text.column(c).to_numpy(zero_copy_only=False)
+                                                   for c in ("caption_key", "emb", "length")))}
+        self.out_dir = out_dir
+
+    def __call__(self, batch: pa.Table) -> dict:
+        import numpy as np
+        import torch
+
+        shard = int(batch.column("shard")[0].as_py())
+        uri = batch.column("rows")[0].as_py()[0]["file"]
+        clips = storage.read_parquet_file(uri, ["id", "captions", "split", "mel", "n_mels", "frames"])
+        rows = []
+        for r in clips.to_pylist():
+            mel = torch.tensor(np.asarray(r["mel"], np.float32)).reshape(1, r["n_mels"], r["frames"])
+            with torch.no_grad():
+                post = self.vae.encode(mel.to(self.device))
+            mean, logvar = post.mean[0].flatten().cpu().numpy(), post.logvar[0].flatten().cpu().numpy()
+            for caption in r["captions"]:
+                emb, n = self.text[caption_key(caption)]
+                rows.append({"id": r["id"], "caption": caption, "caption_key": caption_key(caption),
+                             "split": r["split"], "mean": mean, "logvar": logvar, "emb": np.asarray(emb), "length": n})
+        write_shard(self.out_dir, shard, arrow_table(rows, LATENT_SCHEMA), rejects_table([]))
+        return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
+
+
+class LatentsStage:
+    name = "latents"
+    needs = ("audio", "text", "train_vae")
+
+    def key(self, ctx: StageContext) -> dict:
+        return {n: ctx.hashes[n] for n in self.needs}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        files = storage.list_files(ctx.outputs["audio"], ".parquet")
+        c = ctx.cfg.compute
+        run_shards(out_dir, [[{"file": f}] for f in files], EncodeLatents, label="latents",
+                   num_cpus=c.text_actor_cpus, num_gpus=c.text_actor_gpus, actors=c.text_actors,
+                   fn_kwargs={"cfg": to_dict(ctx.cfg), "vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
+                              "text_dir": ctx.outputs["text"], "out_dir": out_dir})
+        rows = storage.read_parquet_dir(out_dir, columns=["split"]).num_rows
+        return {"rows_in": len(files), "rows": rows, "rejected": 0}
+
+
+class TrainLFMStage(_TrainStage):
+    name = section = "train_lfm"
+    needs = ("latents", "text", "train_vae", "train_vocoder")
+
+    def key(self, ctx: StageContext) -> dict:
+        return {**{n: ctx.hashes[n] for n in self.needs},
+                **_model_section(ctx.cfg, "unet", "flow", "sampler", "train_lfm")}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        from pipelines.train.launch import train_job
+
+        text = storage.read_parquet_dir(ctx.outputs["text"]).to_pylist()
+        null = next(r for r in text if r["caption"] == "")
+        extra = {"vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
+                 "vocoder_weights": storage.join(ctx.outputs["train_vocoder"], "vocoder.safetensors"),
+                 "null_emb": list(map(float, null["emb"]))}
+        return train_job(ctx.cfg, "lfm", root=ctx.root, data_dir=ctx.outputs["latents"], out_dir=out_dir,
+                         stage_hash=ctx.hashes[self.name], extra=extra, parent_run_id=ctx.parent_run_id)

@@ -1,0 +1,1 @@
+"""Training jobs (VAE, vocoder, LFM) on Ray Train + DeepSpeed, tracked in MLflow."""

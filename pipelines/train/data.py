@@ -1,0 +1,70 @@
+"""Parquet caches → Ray Data datasets for the trainers, and numpy batches → tensors.
+
+Random crops happen in the training worker with the worker's own generator, which the
+checkpoint saves, so a resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipelines.core import storage
+
+
+def parquet_dataset(out_dir: str, columns: list[str], split: str | None = "train"):
+    """A stage's shard files (not its rejects/) as a Ray dataset, filtered to ``split``."""
+    import ray.data
+    from ray.data.expressions import col
+
+    files = storage.list_files(out_dir, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet shards under {out_dir}")
+    filesystem = None
+    if storage.is_remote(out_dir):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        fs, _ = storage.fs_and_path(out_dir)
+        filesystem = PyFileSystem(FSSpecHandler(fs))
+        files = [f.split("://", 1)[1] for f in files]
+    ds = ray.data.read_parquet(files, filesystem=filesystem, columns=[*columns, "split"])
+    return ds if split is None else ds.filter(expr=col("split") == split)
+
+
+def stack(column, shape: tuple[int, ...]) -> torch.Tensor:
+    """A batch column of flat float lists → (B, *shape) float32 tensor."""
+    arr = np.stack([np.asarray(x, dtype=np.float32) for x in column])  # (B, prod(shape))
+    return torch.from_numpy(arr.reshape(len(arr), *shape))
+
+
+def random_crop(x: torch.Tensor, frames: int, generator: torch.Generator | None, hop: int = 0,
+                wav: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Crop (B, C, T) mels to ``frames``, one random start per item; crop ``wav`` (B, N) to match.
+
+    With ``wav``, mel frame k covers samples [k·hop, (k+1)·hop), so the waveform crop is the
+    same window in samples (aligned segments for the vocoder).
+    """
+    b, _, t = x.shape
+    if frames <= 0 or frames >= t:
+        return x, wav
+    starts = torch.randint(0, t - frames + 1, (b,), generator=generator)
+    mel = torch.stack([x[i, :, s : s + frames] for i, s in enumerate(starts.tolist())])
+    if wav is None:
+        return mel, None
+    seg = torch.stack([wav[i, s * hop : (s + frames) * hop] for i, s in enumerate(starts.tolist())])
+    return mel, seg
+
+
+def epochs(shard, batch_size: int, seed: int):
+    """Endless batches from a Ray Train dataset shard, one pass per epoch (shuffled per epoch)."""
+    epoch = 0
+    while True:
+        n = 0
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * batch_size,
+                                        local_shuffle_seed=seed + epoch):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError(f"a worker's data shard holds fewer than batch_size={batch_size} rows")
+        epoch += 1
