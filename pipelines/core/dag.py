@@ -45,6 +45,20 @@ def select(names: Sequence[str], only: Sequence[str] = (), start: str | None = N
     return list(names[i : j + 1])
 
 
+def with_needs(stages: Sequence, name: str) -> list[str]:
+    """``name`` and every stage it transitively needs, in DAG order."""
+    by_name = {s.name: s for s in stages}
+    if name not in by_name:
+        raise SystemExit(f"unknown stage {name!r}; stages are: {', '.join(by_name)}")
+    wanted, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in wanted:
+            wanted.add(n)
+            todo += list(by_name[n].needs)
+    return [s.name for s in stages if s.name in wanted]
+
+
 def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
             until: str | None = None) -> list[StageReport]:
     names = [s.name for s in stages]

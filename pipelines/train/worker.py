@@ -25,7 +25,8 @@ SECTIONS = {"vae": "train_vae", "vocoder": "train_vocoder", "lfm": "train_lfm"}
 def _engine(model: torch.nn.Module, t: TrainConfig, lr: float, use_bf16: bool):
     opt_cls = torch.optim.AdamW if t.weight_decay > 0 else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=lr, betas=t.betas, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, t.steps, t.decay))
+    # DeepSpeed steps the scheduler once per optimiser step, i.e. every grad_accum micro-batches.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, max(1, t.steps // t.grad_accum), t.decay))
     ds = deepspeed_config(micro_batch_per_gpu=t.batch_size, grad_accum=t.grad_accum, zero_stage=t.zero_stage,
                           grad_clip=t.grad_clip, bf16=use_bf16)
     return init_engine(model, opt, sched, ds)

@@ -114,3 +114,19 @@ def test_exports_are_safetensors_with_their_config(trained):
         with safe_open(path, "pt") as f:
             assert f.metadata()["mel_hash"] == cfg.mel.config_hash()
             assert len(list(f.keys())) > 10
+
+
+def test_the_standalone_script_finds_the_finished_job(trained):
+    import subprocess
+    import sys
+
+    root, _, reports = trained
+    script = Path(__file__).parents[2] / "pipelines" / "train_vae.py"
+    out = subprocess.run([sys.executable, str(script), "--config", str(CONFIG), *overrides(root)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()[1:] if line.strip()
+             and not line.startswith(" ")}
+    ran_or_skipped = {k: v for k, v in lines.items() if v in ("ran", "skipped")}
+    assert ran_or_skipped == {"ingest": "skipped", "audio": "skipped", "train_vae": "skipped"}  # only its needs
+    assert reports["train_vae"].path in out.stdout
