@@ -1,0 +1,26 @@
+"""What every pipeline entry point shares: ``--config FILE`` and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lafma.config import ConfigError, LafmaConfig, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
+
+
+def add_config_args(p: argparse.ArgumentParser, example: str = "storage.root=s3://bucket/lafma") -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+
+
+def load_or_exit(args: argparse.Namespace) -> LafmaConfig:
+    """The validated config, or exit 2 with the offending key named (no traceback)."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
