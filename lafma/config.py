@@ -422,7 +422,9 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
         _require(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
-        _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", "must be 0, 1, 2 or 3")
+        # ZeRO-3 partitions the weights themselves; the jobs read whole weights (EMA, export,
+        # samples) and would need gathering first.
+        _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", "must be 0, 1 or 2 (ZeRO-3 is not supported yet)")
         _require(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
         _require(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be positive")
         _require(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", "must be >= 0")
@@ -475,6 +477,12 @@ class LafmaConfig:
                  f"must equal vae.z_channels ({self.vae.z_channels})")
         _require(self.mel.n_mels % (self.vae.downsample * self.unet.downsample) == 0, "mel.n_mels",
                  "must be divisible by the VAE and UNet downsampling together")
+        multiple = self.vae.downsample * self.unet.downsample
+        _require(self.mel_shape()[0] % multiple == 0, "audio.clip_seconds",
+                 f"gives {self.mel_shape()[0]} mel frames; the VAE and UNet need a multiple of {multiple} "
+                 f"(e.g. {multiple * self.mel.hop_length / self.mel.sample_rate:g} s steps)")
+        _require(self.train_vae.crop_frames % self.vae.downsample == 0, "train_vae.crop_frames",
+                 f"must be a multiple of the VAE's downsampling ({self.vae.downsample})")
 
     @property
     def context_dim(self) -> int:

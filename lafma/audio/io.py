@@ -23,7 +23,7 @@ class AudioError(ValueError):
     """An input that cannot be used as audio. ``source`` names it, ``reason`` says why.
 
     ``reason`` is a short machine-friendly code (``missing``, ``empty``, ``undecodable``,
-    ``no_samples``, ``non_finite``, ``bad_rate``) so rejects tables can be grouped by it.
+    ``no_samples``, ``non_finite``, ``bad_rate``, ``too_long``) so rejects tables can be grouped by it.
     """
 
     def __init__(self, source: str, reason: str, detail: str = ""):
@@ -42,7 +42,8 @@ def _name(source: AudioSource, name: str | None) -> str:
     return getattr(source, "name", "<bytes>")
 
 
-def read_audio(source: AudioSource, *, name: str | None = None) -> tuple[np.ndarray, int]:
+def read_audio(source: AudioSource, *, name: str | None = None,
+               max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode any file soundfile reads (wav of any width, flac, ogg, …) to float32 mono.
 
     Channels are averaged; the sample rate is left as it is (see :func:`resample`).
@@ -50,12 +51,13 @@ def read_audio(source: AudioSource, *, name: str | None = None) -> tuple[np.ndar
     Args:
         source: a path, the file's bytes, or a binary file object.
         name: how to name the input in errors (defaults to the path).
+        max_seconds: reject longer files from their header, before decoding them.
 
     Returns:
         ``(wav, sample_rate)`` with ``wav: (N,)`` float32.
 
     Raises:
-        AudioError: missing, empty, undecodable, zero-length or non-finite input.
+        AudioError: missing, empty, undecodable, zero-length, too long or non-finite input.
     """
     label = _name(source, name)
     if isinstance(source, (str, os.PathLike)):
@@ -74,7 +76,17 @@ def read_audio(source: AudioSource, *, name: str | None = None) -> tuple[np.ndar
     else:
         handle = source
     try:
+        if max_seconds is not None:
+            # The header says how long the file is; decoding a mislabelled multi-hour file
+            # first (and resampling it) could exhaust a worker's memory.
+            info = sf.info(handle)
+            if isinstance(handle, io.BytesIO):
+                handle.seek(0)
+            if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
+                raise AudioError(label, "too_long", f"{info.frames / info.samplerate:.0f} s > {max_seconds:.0f} s")
         data, sr = sf.read(handle, dtype="float32", always_2d=True)  # (N, channels)
+    except AudioError:
+        raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         raise AudioError(label, "undecodable", str(e).splitlines()[0][:200]) from None
     if sr <= 0:
@@ -95,9 +107,10 @@ def resample(wav: np.ndarray | torch.Tensor, orig_sr: int, target_sr: int) -> to
     return torchaudio.functional.resample(x, orig_sr, target_sr)
 
 
-def load_audio(source: AudioSource, sample_rate: int, *, name: str | None = None) -> torch.Tensor:
+def load_audio(source: AudioSource, sample_rate: int, *, name: str | None = None,
+               max_seconds: float | None = None) -> torch.Tensor:
     """Read, downmix and resample: the one call most code wants. Returns (N,) float32."""
-    wav, sr = read_audio(source, name=name)
+    wav, sr = read_audio(source, name=name, max_seconds=max_seconds)
     return resample(wav, sr, sample_rate)
 
 

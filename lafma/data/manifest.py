@@ -151,7 +151,11 @@ def read_manifest(uri: str, *, layout: str = "auto", audio_dir: str = "",
     default_split = _split_from_name(uri)
     out = Manifest(rejects=rejects, layout=layout)
     seen: set[str] = set()
-    for rec in records:
+    for n, rec in enumerate(records, 1):
+        if None in rec:  # csv.DictReader puts a row's surplus fields (an unquoted comma) under None
+            out.rejects.append({"id": f"row-{n}", "audio_uri": "", "reason": "bad_manifest_row",
+                                "detail": f"{len(rec) - 1 + len(rec[None])} fields, header has {len(rec) - 1}"})
+            continue
         if layout == "audiocaps":
             audio = audiocaps_pattern.format(**{k: str(v) for k, v in rec.items()})
             rid = str(rec.get("audiocap_id") or stable_id(audio, str(rec.get("caption"))))

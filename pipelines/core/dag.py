@@ -59,6 +59,17 @@ def with_needs(stages: Sequence, name: str) -> list[str]:
     return [s.name for s in stages if s.name in wanted]
 
 
+def _version(stage, ctx: StageContext, h: str, marker: dict | None) -> None:
+    """What downstream stages hash for this stage.
+
+    A training stage resumed to more steps keeps its directory (its hash leaves ``steps``
+    out) but its weights change, so what depends on them must not count as finished: the
+    steps it reached are part of the hash its dependants see.
+    """
+    if hasattr(stage, "done") and marker is not None:
+        ctx.hashes[stage.name] = digest({"stage": h, "steps": marker.get("steps")})
+
+
 def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
             until: str | None = None) -> list[StageReport]:
     names = [s.name for s in stages]
@@ -74,6 +85,7 @@ def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), sta
         marker = read_marker(out)
         if marker is not None and hasattr(stage, "done") and not stage.done(marker, ctx):
             marker = None  # e.g. a training stage asked for more steps: resume it
+        _version(stage, ctx, h, marker)
         if stage.name not in chosen:
             needed = any(stage.name in s.needs for s in stages if s.name in chosen)
             if marker is None and needed:
@@ -95,6 +107,7 @@ def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), sta
                   "inputs": {n: ctx.outputs[n] for n in stage.needs}, "seconds": round(seconds, 2),
                   "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), **info}
         write_marker(out, marker)
+        _version(stage, ctx, h, marker)
         reports.append(StageReport(stage.name, "ran", out, seconds, marker))
     return reports
 

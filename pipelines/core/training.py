@@ -62,7 +62,7 @@ def deepspeed_config(*, micro_batch_per_gpu: int, grad_accum: int, zero_stage: i
         zero_stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients
             sharded) or 3 (+ parameters sharded).
         grad_clip: Global gradient-norm clip; 0 disables clipping.
-        bf16: bf16 weights and activations with fp32 master weights. GPU only: callers
+        bf16: bf16 autocast in the forward, fp32 weights. GPU only: callers
             pass ``cfg.bf16 and torch.cuda.is_available()`` (CPU bf16 is slow and untested).
         bucket_elements: Elements per gradient-reduction / all-gather bucket.
 
@@ -87,8 +87,13 @@ def deepspeed_config(*, micro_batch_per_gpu: int, grad_accum: int, zero_stage: i
         # DeepSpeed builds none of its fused/CPU optimizers (cpu_adam and friends are C++
         # ops that JIT-compile) and the same code runs on CPU and GPU. Adam/AdamW are on
         # ZeRO's tested-optimizer list, so no "zero_allow_untested_optimizer" is needed.
-        "bf16": {"enabled": bool(bf16)},
+        # bf16 through torch autocast, not DeepSpeed's "bf16" mode: that mode casts the
+        # parameters to bf16 and leaves casting every input (and keeping an fp32 EMA) to
+        # each job; autocast keeps fp32 weights and runs the forward's matmuls and convs in
+        # bf16, so the same batches and EMA code serve CPU (fp32) and GPU (bf16).
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": bool(bf16), "dtype": "bfloat16"},
         "zero_optimization": {
             "stage": zero_stage,
             # DeepSpeed's default buckets hold 5e8 elements (2 GB of fp32 each, allocated per

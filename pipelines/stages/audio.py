@@ -52,7 +52,7 @@ def process_file(row: dict, mel: MelConfig, data: DataConfig, clip_samples: int)
     except (OSError, ValueError) as e:
         return [], {**reject, "reason": "unreadable", "detail": str(e)[:200]}
     try:
-        wav = load_audio(raw, mel.sample_rate, name=uri)
+        wav = load_audio(raw, mel.sample_rate, name=uri, max_seconds=data.max_seconds)
         clips = cut_clips(wav, sample_rate=mel.sample_rate, clip_samples=clip_samples, min_samples=mel.n_fft,
                           mode=data.long_clips, max_segments=data.max_segments, max_seconds=data.max_seconds,
                           silence_db=data.silence_db)
@@ -75,7 +75,11 @@ def process_file(row: dict, mel: MelConfig, data: DataConfig, clip_samples: int)
 def process_shard(item: dict, *, out_dir: str, mel: MelConfig, data: DataConfig, clip_samples: int) -> dict:
     rows, rejects = [], []
     for row in item["rows"]:
-        clips, reject = process_file(row, mel, data, clip_samples)
+        try:
+            clips, reject = process_file(row, mel, data, clip_samples)
+        except Exception as e:  # noqa: BLE001 — one bad file never fails a shard (the data contract)
+            clips, reject = [], {"id": row["id"], "audio_uri": row["audio_uri"], "reason": "error",
+                                 "detail": f"{type(e).__name__}: {e}"[:300]}
         rows += clips
         if reject:
             rejects.append(reject)

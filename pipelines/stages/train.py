@@ -127,19 +127,37 @@ class LatentsStage:
         return {"rows_in": len(files), "rows": rows, "rejected": 0}
 
 
+def empty_caption_embedding(text_dir: str) -> dict:
+    """The empty caption's row, read without loading the other embeddings into Python.
+
+    Captions are sorted before sharding, so "" is in the first shard; the search goes on
+    through the others only if that ever changes.
+    """
+    import pyarrow.compute as pc
+
+    key = caption_key("")
+    for uri in storage.list_files(text_dir, ".parquet"):
+        table = storage.read_parquet_file(uri, ["caption_key", "emb", "length"])
+        hit = table.filter(pc.equal(table.column("caption_key"), key))
+        if hit.num_rows:
+            return hit.to_pylist()[0]
+    raise FileNotFoundError(f"no embedding of the empty caption under {text_dir}")
+
+
 class TrainLFMStage(_TrainStage):
     name = section = "train_lfm"
     needs = ("latents", "text", "train_vae", "train_vocoder")
 
     def key(self, ctx: StageContext) -> dict:
-        return {**{n: ctx.hashes[n] for n in self.needs},
-                **_model_section(ctx.cfg, "unet", "flow", "sampler", "train_lfm")}
+        # Not the sampler (inference settings) nor the vocoder (it only renders sample audio):
+        # changing them must not restart training.
+        return {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
+                **_model_section(ctx.cfg, "unet", "flow", "train_lfm")}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.train.launch import train_job
 
-        text = storage.read_parquet_dir(ctx.outputs["text"]).to_pylist()
-        null = next(r for r in text if r["caption"] == "")
+        null = empty_caption_embedding(ctx.outputs["text"])
         extra = {"vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
                  "vocoder_weights": storage.join(ctx.outputs["train_vocoder"], "vocoder.safetensors"),
                  "null_emb": list(map(float, null["emb"]))}

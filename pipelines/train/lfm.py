@@ -58,8 +58,10 @@ def lfm_step(cfg: LafmaConfig, engine, ema: EMA, shard, generator: torch.Generat
         loss, logs = lfm_loss(velocity, batch["x1"], batch["ctx"], batch["mask"], path=path, null_context=null_ctx,
                               null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout, generator=None)
         engine.backward(loss)
+        updates = engine.global_steps
         engine.step()
-        ema.update(engine.module)
+        if engine.global_steps > updates:  # an optimiser step happened (every grad_accum micro-batches)
+            ema.update(engine.module)
         norm = engine.get_global_grad_norm()
         return {"loss/fm": float(loss), "lr": float(engine.get_lr()[0]), **logs,
                 **({"grad_norm": float(norm)} if norm is not None else {})}
@@ -67,16 +69,17 @@ def lfm_step(cfg: LafmaConfig, engine, ema: EMA, shard, generator: torch.Generat
     def artifacts(i: int, logger: RunLogger) -> None:
         s = cfg.sampler
         velocity = ClassifierFreeGuidance(ema.model, s.guidance, null_ctx, null_mask)
-        noise = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+        n = fixed["ctx"].shape[0]
+        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
             sol = solve(velocity, noise, method=s.solver, steps=s.steps, context=fixed["ctx"].to(device),
                         context_mask=fixed["mask"].to(device))
-        logger.log_metrics({"sample/latent_rmse": float((sol.x.cpu() - fixed["latent"] * cfg.vae.scale_factor)
+        logger.log_metrics({"sample/latent_rmse": float((sol.x.float().cpu() - fixed["latent"] * cfg.vae.scale_factor)
                                                         .pow(2).mean().sqrt())}, step=i)
         if decoder is None:
             return
         with torch.no_grad():
-            mel = decoder(sol.x / cfg.vae.scale_factor).float().cpu()  # (2, n_mels, T)
+            mel = decoder(sol.x.float() / cfg.vae.scale_factor).float().cpu()  # (n, n_mels, T)
             real = decoder(fixed["latent"].to(device)).float().cpu()
         logger.log_image(mel_image([("generated", mel[0].numpy()), ("reference (decoded latent)", real[0].numpy())],
                                    sample_rate=cfg.mel.sample_rate, hop_length=cfg.mel.hop_length),

@@ -140,3 +140,12 @@ def test_fit_length():
     x = torch.arange(10.0)
     assert torch.equal(fit_length(x, 4), x[:4])
     assert torch.equal(fit_length(x, 12)[10:], torch.zeros(2))
+
+
+def test_too_long_is_read_from_the_header_before_decoding(tmp_path):
+    path = tmp_path / "long.wav"
+    sf.write(path, np.zeros(SR * 5, np.float32), SR)
+    with pytest.raises(AudioError) as e:
+        read_audio(path, max_seconds=2.0)
+    assert e.value.reason == "too_long"
+    assert len(read_audio(path.read_bytes(), max_seconds=10.0)[0]) == SR * 5  # bytes rewound after the check

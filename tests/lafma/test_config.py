@@ -96,3 +96,14 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert load_config(None, ["flow.sigma_min=1e-4"]).flow.sigma_min == 1e-4
     with pytest.raises(ConfigError):
         load_config(None, ["flow.sigma_min=small"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("audio.clip_seconds=2.0", "audio.clip_seconds"),  # 200 frames: not a multiple of 4 x 8
+    ("train_vae.crop_frames=30", "train_vae.crop_frames"),
+    ("train_lfm.zero_stage=3", "train_lfm.zero_stage"),
+])
+def test_settings_that_would_fail_hours_later_fail_at_load(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert e.value.key == key

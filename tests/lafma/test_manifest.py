@@ -83,3 +83,11 @@ def test_cut_clips_crop_pad_segment_and_reject():
     # A silent segment inside a loud file is dropped; the file is kept.
     mixed = torch.cat([x[:1000], torch.zeros(1000), x[:1000]])
     assert [c.index for c in cut_clips(mixed, sample_rate=sr, clip_samples=clip, min_samples=100)] == [0, 2]
+
+
+def test_a_row_with_surplus_fields_is_rejected_alone(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("audio,caption\na.wav,a dog barks\nb.wav,rain, then thunder\nc.wav,wind\n")
+    m = read_manifest(str(path))
+    assert [r["caption"] for r in m.rows] == ["a dog barks", "wind"]
+    assert [(r["id"], r["reason"]) for r in m.rejects] == [("row-2", "bad_manifest_row")]
