@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ STEPS = 30
 VOCODER_STEPS = 150
 # The VAE job fails once at step 8; its last checkpoint before that is step 5.
 FAIL_AT, CKPT_EVERY = 8, 5
+# The VAE's discriminator starts here: its loss is judged before, its GAN phase after.
+DISC_START = 20
 
 
 def overrides(root: Path, steps: int = STEPS) -> list[str]:
@@ -28,6 +31,7 @@ def overrides(root: Path, steps: int = STEPS) -> list[str]:
     for job in ("train_vae", "train_vocoder", "train_lfm"):
         out += [f"{job}.steps={steps}", f"{job}.checkpoint_every={CKPT_EVERY}", f"{job}.sample_every=15"]
     return [*out, f"train_vae.fail_at_step={FAIL_AT}", "train_vae.lr=2e-3", "train_lfm.lr=2e-3",
+            f"vae_loss.disc_start={DISC_START}",
             f"train_vocoder.steps={VOCODER_STEPS}", "train_vocoder.sample_every=75", "train_vocoder.checkpoint_every=75",
             "train_vocoder.lr=2e-3", "train_vocoder.crop_frames=32"]
 
@@ -53,8 +57,25 @@ def test_each_jobs_loss_falls(trained, stage, metric):
     root, _, reports = trained
     values = history(root, reports[stage].info["run_id"], metric)
     assert len(values) == (VOCODER_STEPS if stage == "train_vocoder" else STEPS)
-    first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
-    assert last < 0.8 * first, (stage, first, last)
+    if stage == "train_vae":
+        # Judged before its GAN starts (with a tiny budget the adaptive weight is large while
+        # the reconstruction is poor, and the GAN term leads), from the untrained first step:
+        # the loss halves within two steps, then swings 2x with the clip in the batch.
+        first, last = values[0], sum(values[DISC_START - 6 : DISC_START - 1]) / 5
+        assert last < 0.6 * first, (stage, first, last)
+    else:
+        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
+        assert last < 0.8 * first, (stage, first, last)
+
+
+def test_the_vae_gan_phase_runs_under_zero2(trained):
+    root, _, reports = trained
+    run_id = reports["train_vae"].info["run_id"]
+    weights = history(root, run_id, "adv/weight")
+    disc = history(root, run_id, "disc/adv/disc")
+    assert all(w == 0 for w in weights[: DISC_START - 1]) and all(w > 0 for w in weights[DISC_START - 1 :])
+    assert len(disc) == STEPS - DISC_START + 1 and all(math.isfinite(d) for d in disc)
+    assert all(math.isfinite(v) for v in history(root, run_id, "rec/l1"))
 
 
 def test_a_failed_worker_group_restarts_from_its_last_checkpoint(trained):
