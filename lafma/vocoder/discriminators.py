@@ -50,13 +50,18 @@ class PeriodDiscriminator(nn.Module):
             # Reflect-pad to a whole number of periods, as in the reference implementation.
             wav = F.pad(wav.unsqueeze(1), (0, self.period - n % self.period), mode="reflect").squeeze(1)
         x = wav.view(b, 1, -1, self.period)  # (B, 1, N / p, p)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
+        return _conv_stack(self.convs, self.conv_post, x)  # logits (B, N' * p)
+
+
+def _conv_stack(convs: nn.ModuleList, conv_post: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Leaky-ReLU conv stack then a 1-channel conv: (flattened logits, every layer's output)."""
+    fmaps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
         fmaps.append(x)
-        return x.flatten(1), fmaps  # (B, N' * p)
+    x = conv_post(x)
+    fmaps.append(x)
+    return x.flatten(1), fmaps
 
 
 class ScaleDiscriminator(nn.Module):
@@ -83,13 +88,7 @@ class ScaleDiscriminator(nn.Module):
     def forward(self, wav: Tensor) -> tuple[Tensor, list[Tensor]]:
         """wav: (B, N) → logits (B, L), feature maps [(B, C_i, N_i)]."""
         x = wav.unsqueeze(1)  # (B, 1, N)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _conv_stack(self.convs, self.conv_post, x)
 
 
 class MultiPeriodDiscriminator(nn.Module):

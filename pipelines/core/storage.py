@@ -17,9 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+from lafma.data.manifest import is_remote  # noqa: F401 — one definition, re-exported
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

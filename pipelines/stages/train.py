@@ -71,7 +71,7 @@ class EncodeLatents:
     caption's embedding, so the LFM reads one table. The text table is loaded whole: fine up to
     a few GB of embeddings (AudioCaps with FLAN-T5-Large is ~3 GB); larger needs a Ray Data join."""
 
-    def __init__(self, cfg: dict, vae_weights: str, text_dir: str, out_dir: str):
+    def __init__(self, cfg: dict, vae_weights: str, text_dir: str, out_dir: str, batch_size: int = 16):
         import torch
 
         from lafma.config import LafmaConfig, from_dict
@@ -86,7 +86,7 @@ class EncodeLatents:
         text = storage.read_parquet_dir(text_dir, columns=["caption_key", "emb", "length"])
         self.text = {k: (e, n) for k, e, n in zip(*(text.column(c).to_numpy(zero_copy_only=False)
                                                    for c in ("caption_key", "emb", "length")))}
-        self.out_dir = out_dir
+        self.out_dir, self.batch_size = out_dir, batch_size
 
     def __call__(self, batch: pa.Table) -> dict:
         import numpy as np
@@ -95,16 +95,23 @@ class EncodeLatents:
         shard = int(batch.column("shard")[0].as_py())
         uri = batch.column("rows")[0].as_py()[0]["file"]
         clips = storage.read_parquet_file(uri, ["id", "captions", "split", "mel", "n_mels", "frames"])
+        records = clips.to_pylist()
         rows = []
-        for r in clips.to_pylist():
-            mel = torch.tensor(np.asarray(r["mel"], np.float32)).reshape(1, r["n_mels"], r["frames"])
+        for start in range(0, len(records), self.batch_size):
+            part = records[start : start + self.batch_size]
+            # Every clip of a stage has the same (n_mels, frames): encode them as one batch.
+            mel = torch.from_numpy(np.stack([np.asarray(r["mel"], np.float32) for r in part]))
+            mel = mel.reshape(len(part), part[0]["n_mels"], part[0]["frames"])  # (B, n_mels·T) -> (B, n_mels, T)
             with torch.no_grad():
                 post = self.vae.encode(mel.to(self.device))
-            mean, logvar = post.mean[0].flatten().cpu().numpy(), post.logvar[0].flatten().cpu().numpy()
-            for caption in r["captions"]:
-                emb, n = self.text[caption_key(caption)]
-                rows.append({"id": r["id"], "caption": caption, "caption_key": caption_key(caption),
-                             "split": r["split"], "mean": mean, "logvar": logvar, "emb": np.asarray(emb), "length": n})
+            means = post.mean.flatten(1).cpu().numpy()  # (B, C, T', F') -> (B, C·T'·F')
+            logvars = post.logvar.flatten(1).cpu().numpy()
+            for r, mean, logvar in zip(part, means, logvars):
+                for caption in r["captions"]:
+                    key = caption_key(caption)
+                    emb, n = self.text[key]
+                    rows.append({"id": r["id"], "caption": caption, "caption_key": key, "split": r["split"],
+                                 "mean": mean, "logvar": logvar, "emb": np.asarray(emb), "length": n})
         write_shard(self.out_dir, shard, arrow_table(rows, LATENT_SCHEMA), rejects_table([]))
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 

@@ -171,8 +171,7 @@ def vocoder_step(cfg: LafmaConfig, gen, disc, shard, generator: torch.Generator 
     def artifacts(i: int, logger: RunLogger) -> None:
         with torch.no_grad():
             wav = gen.module(fixed["mel"].to(device)).float().cpu()
-        vocoded = mel_fn.cpu()(wav)[0].numpy()
-        mel_fn.to(device)
+        vocoded = mel_fn(wav.to(device))[0].cpu().numpy()
         logger.log_image(mel_image([("real", fixed["mel"][0].numpy()), ("vocoded", vocoded)],
                                    sample_rate=cfg.mel.sample_rate, hop_length=hop), f"samples/step_{i:07d}_mel.png")
         logger.log_audio(wav[0], cfg.mel.sample_rate, f"samples/step_{i:07d}_vocoded.wav")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lafma.config import TrainConfig
@@ -41,7 +41,6 @@ class Job:
     extra_state: Callable[[], dict] = lambda: {}
     load_extra_state: Callable[[dict], None] = lambda state: None
     artifacts: Callable[[int, RunLogger], None] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail_marker_dir: str) -> dict[str, float]:

@@ -3,9 +3,6 @@ export the final weights (rank 0) as safetensors beside their config."""
 
 from __future__ import annotations
 
-import io
-import json
-
 import torch
 from safetensors.torch import save
 
@@ -37,8 +34,7 @@ def export(state_dict: dict, cfg: LafmaConfig, out_dir: str, name: str) -> None:
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
     meta = {"mel_hash": cfg.mel.config_hash(), "component": name}
     storage.write_bytes(storage.join(out_dir, f"{name}.safetensors"), save(tensors, metadata=meta))
-    storage.write_bytes(storage.join(out_dir, "config.json"),
-                        json.dumps({**meta, "config": to_dict(cfg)}, indent=2).encode())
+    storage.write_json(storage.join(out_dir, "config.json"), {**meta, "config": to_dict(cfg)})
 
 
 def load_safetensors(uri: str) -> dict[str, torch.Tensor]:
@@ -97,5 +93,4 @@ def train_fn(config: dict) -> None:
         else:
             module = engines["generator"].module
             export((module.vae if job == "vae" else module).state_dict(), cfg, config["out_dir"], job)
-        storage.write_bytes(storage.join(config["out_dir"], "result.json"),
-                            io.BytesIO(json.dumps(result).encode()).getvalue())
+        storage.write_json(storage.join(config["out_dir"], "result.json"), result)
