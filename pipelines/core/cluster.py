@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -19,7 +20,11 @@ def init_ray(compute: ComputeConfig) -> None:
     """Connect once. Under ``ray job submit`` RAY_ADDRESS points at the cluster; else start locally."""
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    # Under `ray job submit`, variables the job's runtime env already sets reach every worker;
+    # passing them again makes Ray refuse to merge the driver's runtime env with the job's.
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, runtime_env={"env_vars": env} if env else None,
              logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False
