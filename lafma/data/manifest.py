@@ -102,7 +102,7 @@ def _split_from_name(uri: str) -> str:
     return "train"
 
 
-def _read_records(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_records(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Raw records of a CSV / JSONL / Parquet file, and rows that could not even be parsed."""
     with fsspec.open(uri, "rb") as f:
         data = f.read()
@@ -144,7 +144,7 @@ def detect_layout(columns: Iterable[str]) -> str:
 def read_manifest(uri: str, *, layout: str = "auto", audio_dir: str = "",
                   audiocaps_pattern: str = "{youtube_id}.wav", max_caption_chars: int = 512) -> Manifest:
     """Read a manifest into clean rows and rejects (see the module docstring)."""
-    records, rejects = _read_records(uri)
+    records, rejects = read_records(uri)
     if layout == "auto":
         layout = detect_layout(records[0].keys()) if records else "generic"
     base = audio_dir or _parent(uri)

@@ -1,0 +1,85 @@
+"""Caption files for batch generation: formats, bad rows, seeds, safe names."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lafma.data.captions import derive_seed, plan_generation, read_caption_records, safe_name
+
+DEFAULTS = dict(job_seed=7, steps=10, guidance=3.0, solver="euler", duration=2.56)
+
+
+def plan(records):
+    return plan_generation(records, **DEFAULTS)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl", "parquet"])
+def test_every_format_gives_the_same_rows(tmp_path, fmt):
+    captions = ["a dog barks", "rain on a roof", "a low cello note"]
+    path = tmp_path / f"c.{fmt}"
+    if fmt == "txt":
+        path.write_text("\n".join(captions[:2]) + "\n\n" + captions[2] + "\n")
+    elif fmt == "csv":
+        path.write_text("caption\n" + "\n".join(captions) + "\n")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"caption": c}) + "\n" for c in captions))
+    else:
+        pq.write_table(pa.table({"caption": captions}), path)
+    rows, rejects = plan(read_caption_records(str(path))[0])
+    assert [r.caption for r in rows] == captions and not rejects
+    assert len({r.seed for r in rows}) == 3 and all(r.steps == 10 and r.duration == 2.56 for r in rows)
+
+
+def test_bad_rows_are_rejected_with_their_reason_and_good_ones_kept(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"id,caption,duration,steps,solver,seed\n"
+                     b"ok,a bell,,,,\n"
+                     b"empty,   ,,,,\n"
+                     b"latin1,caf\xe9 noise,,,,\n"
+                     b"long,a drone,100000,,,\n"
+                     b"zero,a drone,0,,,\n"
+                     b"nan,a drone,nan,,,\n"
+                     b"steps,a drone,,0,,\n"
+                     b"solver,a drone,,,magic,\n"
+                     b"ok,a second row with the same id,,,,\n"
+                     b"own,a whistle,1.28,4,heun,42\n")
+    rows, rejects = plan(read_caption_records(str(path))[0])
+    assert [r.id for r in rows] == ["ok", "own"]
+    assert (rows[1].seed, rows[1].steps, rows[1].solver, rows[1].duration) == (42, 4, "heun", 1.28)
+    assert {r["id"]: r["reason"] for r in rejects} == {
+        "empty": "empty_caption", "latin1": "caption_not_utf8", "long": "bad_duration", "zero": "bad_duration",
+        "nan": "bad_setting", "steps": "bad_steps", "solver": "bad_solver", "ok": "duplicate_id"}
+
+
+def test_non_utf8_lines_of_a_text_file_are_rejected(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"a fine caption\n\xff\xfe broken\nanother\n")
+    rows, rejects = plan(read_caption_records(str(path))[0])
+    assert [r.caption for r in rows] == ["a fine caption", "another"]
+    assert rejects == [{"id": "line-000002", "reason": "caption_not_utf8", "detail": ""}]
+
+
+def test_seeds_depend_on_the_row_id_and_job_seed_only():
+    a, _ = plan([{"id": "x", "caption": "c"}, {"id": "y", "caption": "c"}])
+    b, _ = plan([{"id": "y", "caption": "other"}, {"id": "x", "caption": "c"}])
+    assert a[0].seed == b[1].seed == derive_seed(7, "x") and a[1].seed == b[0].seed
+    assert derive_seed(8, "x") != derive_seed(7, "x")
+
+
+@pytest.mark.parametrize("rid", ["../../x", "/etc/passwd", "a/b\\c", "..", ".", "", "~root", "x" * 300,
+                                 "sp ace", "é", "NUL\x00byte", "../x"])
+def test_safe_names_stay_in_their_directory(tmp_path, rid):
+    name = safe_name(rid)
+    assert name and "/" not in name and "\\" not in name and not name.startswith(".") and len(name) < 100
+    target = os.path.realpath(tmp_path / f"{name}.wav")
+    assert os.path.dirname(target) == os.path.realpath(tmp_path)
+
+
+def test_ids_that_clean_to_the_same_text_get_different_files():
+    assert len({safe_name("../x"), safe_name("x"), safe_name("./x"), safe_name("..x")}) == 4
+    assert safe_name("plain-id_1.0") == "plain-id_1.0"  # clean ids keep their name
