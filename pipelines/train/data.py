@@ -55,16 +55,51 @@ def random_crop(x: torch.Tensor, frames: int, generator: torch.Generator | None,
     return mel, seg
 
 
-def epochs(shard, batch_size: int, seed: int):
-    """Endless batches from a Ray Train dataset shard, one pass per epoch (shuffled per epoch)."""
-    epoch = 0
+def _nbytes(column: np.ndarray) -> int:
+    if column.dtype == object:  # list columns arrive as an object array of arrays
+        return sum(getattr(x, "nbytes", 64) for x in column)
+    return column.nbytes
+
+
+def epochs(shard, batch_size: int, seed: int, cache_bytes: int = 2 << 30):
+    """Endless batches from a Ray Train dataset shard, one pass per epoch, shuffled per epoch.
+
+    A shard that fits in ``cache_bytes`` is kept in memory after its first pass and reshuffled
+    from there: streaming it again costs Ray Data seconds per epoch (the split is re-executed
+    in lock-step across workers), which dominated small datasets, where an epoch is a dozen
+    steps. Larger shards stream every epoch.
+    """
+    kept: list[dict] | None = []
+    size, n = 0, 0
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
+        n += 1
+        if kept is not None:
+            size += sum(_nbytes(v) for v in batch.values())
+            if size <= cache_bytes:
+                kept.append(batch)
+            else:
+                kept = None
+        yield batch
+    if n == 0:
+        raise ValueError(f"a worker's data shard holds fewer than batch_size={batch_size} rows")
+    if kept is None:
+        yield from _streamed_epochs(shard, batch_size, seed)
+        return
+    columns = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+    rows = len(next(iter(columns.values())))
+    epoch = 1
     while True:
-        n = 0
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=4 * batch_size,
-                                        local_shuffle_seed=seed + epoch):
-            n += 1
-            yield batch
-        if n == 0:
-            raise ValueError(f"a worker's data shard holds fewer than batch_size={batch_size} rows")
+        order = np.random.default_rng(seed + epoch).permutation(rows)
+        for start in range(0, rows - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield {k: v[idx] for k, v in columns.items()}
+        epoch += 1
+
+
+def _streamed_epochs(shard, batch_size: int, seed: int):
+    epoch = 1
+    while True:
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
+                                      local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed + epoch)
         epoch += 1

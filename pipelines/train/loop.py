@@ -43,7 +43,8 @@ class Job:
     artifacts: Callable[[int, RunLogger], None] | None = None
 
 
-def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail_marker_dir: str) -> dict[str, float]:
+def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail_marker_dir: str,
+             label: str = "train") -> dict[str, float]:
     """Train until ``train.steps`` micro-batches, resuming from the last checkpoint if there is one.
 
     Randomness (crops, noise, t, condition dropout) comes from the global RNGs, which the
@@ -71,6 +72,10 @@ def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail
             world = int(os.environ.get("WORLD_SIZE", "1"))
             logs = {**logs, "samples_per_second": window_n * world / max(elapsed, 1e-9)}
             logger.log_metrics(logs, step=step)
+            if rank == 0:  # one line per log interval in the driver's output (Ray forwards it)
+                shown = [k for k in logs if k.startswith(("loss", "rec/l1", "mel/l1", "total"))][:3]
+                print(f"[{label}] step {step}/{train.steps} " + " ".join(f"{k} {logs[k]:.4g}" for k in shown) +
+                      f" ({logs['samples_per_second']:.1f} samples/s)", flush=True)
             window_t, window_n, last = time.perf_counter(), 0, logs
         if job.artifacts is not None and rank == 0 and (step % train.sample_every == 0 or step == train.steps):
             job.artifacts(step, logger)

@@ -74,7 +74,7 @@ def train_fn(config: dict) -> None:
         if config.get("vocoder_weights"):
             from lafma.models import build_vocoder
 
-            vocoder = build_vocoder(cfg, "hifigan")
+            vocoder = build_vocoder(cfg)
             vocoder.load_state_dict(load_safetensors(config["vocoder_weights"]))
             vocoder.eval()
         null = (torch.tensor(config["null_emb"]).reshape(1, -1, cfg.context_dim),
@@ -86,7 +86,8 @@ def train_fn(config: dict) -> None:
                    load_extra_state=lambda s: s.get("ema") and ema.load_state_dict(s["ema"]))
 
     with system_metrics(config["run_id"], rank=rank, tracking=config["tracking_uri"]):
-        result = run_loop(spec, t, rank=rank, logger=logger, fail_marker_dir=config["fail_marker_dir"])
+        result = run_loop(spec, t, rank=rank, logger=logger, fail_marker_dir=config["fail_marker_dir"],
+                          label=SECTIONS[job])
     if rank == 0:
         if job == "lfm":
             export(ema.model.state_dict(), cfg, config["out_dir"], "unet")
