@@ -132,7 +132,9 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 8
     dropout: float = 0.0
-    # Latents are multiplied by this before the flow model sees them (LDM's scale_factor).
+    # Latents are multiplied by this before the flow model sees them (LDM's scale_factor);
+    # 0 = 1 / std of the training latents, measured by the latents stage (as LDM does on its
+    # first batch), so that data and the N(0, I) source of the flow have the same scale.
     scale_factor: float = 1.0
 
     def validate(self, prefix: str = "vae") -> None:
@@ -141,7 +143,7 @@ class VAEConfig:
         _require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks", "must be >= 1")
         _require(self.z_channels > 0, f"{prefix}.z_channels", "must be positive")
         _require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
-        _require(self.scale_factor > 0, f"{prefix}.scale_factor", "must be positive")
+        _require(self.scale_factor >= 0, f"{prefix}.scale_factor", "must be positive, or 0 (measured from the latents)")
 
     @property
     def downsample(self) -> int:
@@ -262,6 +264,9 @@ class HiFiGANConfig:
     is V1 at 512 channels and 22 kHz.
     """
 
+    # "griffinlim" needs no training (the vocoder stage exports it at once): for machines where
+    # a HiFi-GAN cannot train long enough to beat it, e.g. the 2-core demo.
+    kind: Literal["hifigan", "griffinlim"] = "hifigan"
     upsample_rates: tuple[int, ...] = (5, 4, 2, 2, 2)
     upsample_kernel_sizes: tuple[int, ...] = (16, 16, 8, 4, 4)
     upsample_initial_channel: int = 1024
@@ -379,6 +384,34 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """Generation after training (the DAG's ``generate`` stage) and its gate.
+
+    ``captions`` empty: the dataset's held-out captions (test split), ``max_captions`` of them.
+    """
+
+    captions: str = ""
+    max_captions: int = 16
+    seed: int = 0
+    batch_size: int = 8
+    actors: int = 1
+    actor_cpus: float = 1.0
+    actor_gpus: float = 0.0
+    # Held-out clips the package stage scores the flow-matching loss on (the gate metric
+    # until an evaluation stage provides better ones), and the t values it averages over.
+    gate_clips: int = 64
+    gate_times: int = 8
+
+    def validate(self, prefix: str = "generate") -> None:
+        _require(self.max_captions >= 1, f"{prefix}.max_captions", "must be >= 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _require(self.actors >= 1, f"{prefix}.actors", "must be >= 1")
+        _require(self.actor_cpus > 0, f"{prefix}.actor_cpus", "must be positive")
+        _require(self.actor_gpus >= 0, f"{prefix}.actor_gpus", "must be >= 0")
+        _require(self.gate_clips >= 1 and self.gate_times >= 1, f"{prefix}.gate_clips", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training job: optimisation, distribution and bookkeeping.
 
@@ -457,6 +490,7 @@ class LafmaConfig:
     data: DataConfig = field(default_factory=DataConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     # The paper: VAE Adam 1e-5, betas (0.5, 0.9); HiFi-GAN AdamW 2e-4, (0.8, 0.99); LFM Adam 1e-4.
     train_vae: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, betas=(0.5, 0.9), crop_frames=1024))
     train_vocoder: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -55,9 +55,12 @@ def describe(cfg: LafmaConfig, load_text_encoder: bool = False) -> dict[str, Any
             "vae": models.build_vae(cfg),
             "vae_discriminator": models.build_vae_discriminator(cfg),
             "unet": models.build_unet(cfg),
-            "vocoder": models.build_vocoder(cfg),
             "vocoder_discriminator": models.build_vocoder_discriminator(cfg),
         }
+        if cfg.vocoder.kind == "hifigan":
+            parts["vocoder"] = models.build_vocoder(cfg)
+    if "vocoder" not in parts:  # Griffin-Lim: no weights; its filterbank cannot be built on "meta"
+        parts["vocoder"] = models.build_vocoder(cfg)
     components: dict[str, Any] = {
         "text_encoder": {"kind": cfg.text.kind, "name_or_path": cfg.text.name_or_path, "dim": cfg.context_dim,
                          "params": _text_encoder_params(cfg, load_text_encoder), "trainable": False},

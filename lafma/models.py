@@ -30,9 +30,10 @@ def build_vae_discriminator(cfg: LafmaConfig) -> NLayerDiscriminator:
                                n_layers=cfg.vae_loss.disc_layers)
 
 
-def build_vocoder(cfg: LafmaConfig, kind: str = "hifigan") -> nn.Module:
-    """``hifigan`` (trained by the vocoder job) or ``griffinlim`` (no training: a baseline)."""
-    return _build_vocoder(kind, mel=cfg.mel, hifigan=cfg.vocoder)
+def build_vocoder(cfg: LafmaConfig, kind: str | None = None) -> nn.Module:
+    """``hifigan`` (trained by the vocoder job) or ``griffinlim`` (no training: a baseline);
+    by default the config's ``vocoder.kind``."""
+    return _build_vocoder(kind or cfg.vocoder.kind, mel=cfg.mel, hifigan=cfg.vocoder)
 
 
 def build_vocoder_discriminator(cfg: LafmaConfig) -> HiFiGANDiscriminator:

@@ -18,7 +18,8 @@ LATENT_SCHEMA = pa.schema([
 
 # How long and how observably a job runs, not what it learns: left out of the stage hash so
 # that raising ``steps`` resumes the same run instead of starting a new one.
-OPERATIONAL = ("steps", "log_every", "sample_every", "checkpoint_every", "max_failures", "fail_at_step")
+OPERATIONAL = ("steps", "log_every", "sample_every", "checkpoint_every", "max_failures", "fail_at_step",
+               "cpus_per_worker")
 
 
 def _model_section(cfg: LafmaConfig, *names: str) -> dict:
@@ -42,7 +43,10 @@ class TrainVAEStage(_TrainStage):
     needs = ("audio",)
 
     def key(self, ctx: StageContext) -> dict:
-        return {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", "train_vae")}
+        key = {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", "train_vae")}
+        # The latent scale only matters to the flow model: changing it must not retrain the VAE.
+        key["vae"] = {k: v for k, v in to_dict(ctx.cfg.vae).items() if k != "scale_factor"}
+        return key
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.train.launch import train_job
@@ -52,8 +56,15 @@ class TrainVAEStage(_TrainStage):
 
 
 class TrainVocoderStage(_TrainStage):
+    """HiFi-GAN training; with ``vocoder.kind: griffinlim`` there is nothing to learn and the
+    stage exports the Griffin-Lim vocoder (its mel hash included) so that the rest of the DAG
+    and the bundle treat it like any other."""
+
     name = section = "train_vocoder"
     needs = ("audio",)
+
+    def done(self, marker: dict, ctx: StageContext) -> bool:
+        return marker.get("kind") == "griffinlim" or super().done(marker, ctx)
 
     def key(self, ctx: StageContext) -> dict:
         return {"audio": ctx.hashes["audio"],
@@ -62,6 +73,14 @@ class TrainVocoderStage(_TrainStage):
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.train.launch import train_job
 
+        if ctx.cfg.vocoder.kind == "griffinlim":
+            from lafma.models import build_vocoder
+            from pipelines.train.worker import export
+
+            export(build_vocoder(ctx.cfg).state_dict(), ctx.cfg, out_dir, "vocoder")
+            print("[train_vocoder] vocoder.kind is griffinlim: nothing to train, exported", flush=True)
+            return {"kind": "griffinlim", "steps": 0,
+                    "weights": storage.join(out_dir, "vocoder.safetensors")}
         return train_job(ctx.cfg, "vocoder", root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
                          stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
 
@@ -131,7 +150,36 @@ class LatentsStage:
                    fn_kwargs={"cfg": to_dict(ctx.cfg), "vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
                               "text_dir": ctx.outputs["text"], "out_dir": out_dir})
         rows = storage.read_parquet_dir(out_dir, columns=["split"]).num_rows
-        return {"rows_in": len(files), "rows": rows, "rejected": 0}
+        return {"rows_in": len(files), "rows": rows, "rejected": 0, **latent_stats(out_dir)}
+
+
+def latent_stats(latents_dir: str) -> dict:
+    """Mean and standard deviation of the training latents (posterior means), file by file."""
+    import numpy as np
+
+    n, total, squares = 0, 0.0, 0.0
+    for uri in storage.list_files(latents_dir, ".parquet"):
+        table = storage.read_parquet_file(uri, ["split", "mean"])
+        for split, mean in zip(table.column("split").to_pylist(), table.column("mean").to_numpy(zero_copy_only=False)):
+            if split == "train":
+                m = np.asarray(mean, np.float64)
+                n, total, squares = n + m.size, total + m.sum(), squares + (m * m).sum()
+    if n == 0:
+        return {}
+    mu = total / n
+    return {"latent_mean": mu, "latent_std": float(np.sqrt(max(squares / n - mu * mu, 1e-12)))}
+
+
+def resolve_scale_factor(cfg: LafmaConfig, latents_marker: dict) -> LafmaConfig:
+    """``vae.scale_factor: 0`` → 1 / std of the training latents; any other value is kept."""
+    import dataclasses
+
+    if cfg.vae.scale_factor > 0:
+        return cfg
+    std = latents_marker.get("latent_std")
+    if not std:
+        raise ValueError("vae.scale_factor is 0 (measure it) but the latents stage recorded no latent_std")
+    return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scale_factor=1.0 / std))
 
 
 def empty_caption_embedding(text_dir: str) -> dict:
@@ -159,14 +207,17 @@ class TrainLFMStage(_TrainStage):
         # Not the sampler (inference settings) nor the vocoder (it only renders sample audio):
         # changing them must not restart training.
         return {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
-                **_model_section(ctx.cfg, "unet", "flow", "train_lfm")}
+                **_model_section(ctx.cfg, "unet", "flow", "train_lfm"), "scale_factor": ctx.cfg.vae.scale_factor}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.train.launch import train_job
 
+        from pipelines.core.stage import read_marker
+
+        cfg = resolve_scale_factor(ctx.cfg, read_marker(ctx.outputs["latents"]) or {})
         null = empty_caption_embedding(ctx.outputs["text"])
         extra = {"vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
                  "vocoder_weights": storage.join(ctx.outputs["train_vocoder"], "vocoder.safetensors"),
                  "null_emb": list(map(float, null["emb"]))}
-        return train_job(ctx.cfg, "lfm", root=ctx.root, data_dir=ctx.outputs["latents"], out_dir=out_dir,
+        return train_job(cfg, "lfm", root=ctx.root, data_dir=ctx.outputs["latents"], out_dir=out_dir,
                          stage_hash=ctx.hashes[self.name], extra=extra, parent_run_id=ctx.parent_run_id)
