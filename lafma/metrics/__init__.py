@@ -1,0 +1,44 @@
+"""Evaluation metrics: Fréchet distance, KL, inception score, text–audio scores, attribute accuracy.
+
+Pure torch + numpy. Embedders (aisfx offline; PANNs Cnn14, VGGish and LAION-CLAP from local
+reference checkpoints) live in :mod:`lafma.metrics.embedders`.
+"""
+
+from lafma.metrics.attributes import (
+    AttributeClassifiers,
+    attribute_accuracy,
+    fit_attribute_classifiers,
+)
+from lafma.metrics.classifier_metrics import inception_score, kl_divergence
+from lafma.metrics.embedders import AudioEmbedder, CheckpointFormatError, build_embedder
+from lafma.metrics.frechet import (
+    embedding_stats,
+    frechet_distance,
+    frechet_distance_from_embeddings,
+)
+from lafma.metrics.text_audio import (
+    TextAudioProjection,
+    clap_score,
+    fit_text_audio_projection,
+    masked_mean,
+    retrieval_accuracy,
+)
+
+__all__ = [
+    "AttributeClassifiers",
+    "AudioEmbedder",
+    "CheckpointFormatError",
+    "TextAudioProjection",
+    "attribute_accuracy",
+    "build_embedder",
+    "clap_score",
+    "embedding_stats",
+    "fit_attribute_classifiers",
+    "fit_text_audio_projection",
+    "frechet_distance",
+    "frechet_distance_from_embeddings",
+    "inception_score",
+    "kl_divergence",
+    "masked_mean",
+    "retrieval_accuracy",
+]
