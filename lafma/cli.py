@@ -1,11 +1,15 @@
-"""The ``lafma`` command: ``lafma describe --config PATH [--json]``."""
+"""The ``lafma`` command: ``lafma describe --config PATH [--json]``.
+
+``lafma generate`` needs the model registry, so it is added by ``pipelines.lafma_cli`` (the
+installed entry point); this module stays free of MLflow.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lafma.config import ConfigError, LafmaConfig, load_config
 from lafma.describe import describe, format_description
@@ -19,7 +23,8 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``extend`` adds more subcommands (``pipelines.lafma_cli`` adds ``generate``)."""
     parser = argparse.ArgumentParser(prog="lafma", description="LAFMA: text-to-audio by latent flow matching.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("describe", help="every component's parameter count and a clip's mel/latent shapes")
@@ -29,11 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load the text encoder to count it (needs its weights locally)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     d.set_defaults(func=_describe)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None,
+         extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
+    args = build_parser(extend).parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -1,0 +1,217 @@
+"""The model registry: one registered MLflow model, ``lafma``, whose versions are bundles.
+
+A version is a pyfunc around a :mod:`lafma.bundle` directory (the LFM, VAE and vocoder as
+safetensors, every component's config, the text encoder or its reference, the mel hash).
+It is logged as *models from code* (:mod:`pipelines.lafma_pyfunc`), so loading it executes
+that small file instead of unpickling an object.
+
+Aliases, not stages (MLflow 3): every new version becomes ``candidate``; ``champion`` moves
+only through :func:`gate` (the candidate's gate metric must beat the champion's) or by hand
+through :func:`promote` / :func:`rollback`, which record who and why as version tags.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from pipelines.core import tracking
+
+MODEL_NAME = "lafma"
+CANDIDATE, CHAMPION = "candidate", "champion"
+PYFUNC_CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lafma_pyfunc.py")
+# Version tags. The gate metric travels with the version so any two versions can be compared.
+GATE_METRIC, GATE_VALUE, GATE_MODE = "lafma.gate.metric", "lafma.gate.value", "lafma.gate.mode"
+INPUT_COLUMNS = {"caption": "string", "seed": "long", "steps": "long", "guidance": "double", "solver": "string",
+                 "duration": "double"}
+
+
+class LafmaModel(mlflow.pyfunc.PythonModel):
+    """The pyfunc: a table of captions (optional seed, steps, guidance, solver, duration per
+    row) in, a table with each row's audio (float32 list), sample rate, seed and NFE out."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from lafma.bundle import load_bundle
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = load_bundle(context.artifacts["bundle"], device=device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return generate_frame(self.pipe, pd.DataFrame(model_input))
+
+
+def generate_frame(pipe, frame: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
+    """Generate every row of ``frame`` (see :class:`LafmaModel`); rows sharing settings are batched.
+
+    A row without a seed gets one from its position, so a table always yields the same audio.
+    """
+    if "caption" not in frame.columns:
+        raise ValueError(f"the input needs a 'caption' column; got {list(frame.columns)}")
+    d = pipe.defaults
+
+    def get(r: dict, k: str, default):
+        v = r.get(k)
+        return default if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+    rows = []
+    for i, r in enumerate(frame.to_dict("records")):
+        rows.append({"caption": str(r["caption"]), "seed": int(get(r, "seed", i)),
+                     "steps": int(get(r, "steps", d["steps"])), "guidance": float(get(r, "guidance", d["guidance"])),
+                     "solver": str(get(r, "solver", d["solver"])), "duration": float(get(r, "duration", d["duration"]))})
+    out: list[dict | None] = [None] * len(rows)
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r["steps"], r["guidance"], r["solver"], r["duration"]), []).append(i)
+    for (steps, guidance, solver, duration), idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            gen = pipe.generate([rows[i]["caption"] for i in part], seeds=[rows[i]["seed"] for i in part],
+                                steps=steps, guidance=guidance, solver=solver, duration=duration)
+            for j, i in enumerate(part):
+                out[i] = {**rows[i], "nfe": gen.nfe, "sample_rate": gen.sample_rate,
+                          "audio": gen.audio[j].numpy().astype(np.float32)}
+    return pd.DataFrame(out)
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(t, n, required=n == "caption") for n, t in INPUT_COLUMNS.items()]))
+
+
+@dataclass
+class Registered:
+    version: str
+    uri: str  # models:/lafma/<version>
+
+
+def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_value: float,
+             lower_is_better: bool = True, tags: Mapping[str, Any] | None = None) -> Registered:
+    """Log ``bundle_dir`` as a pyfunc in run ``run_id``, register it as a new version of
+    ``lafma``, give it the ``candidate`` alias, and tag it with its lineage and gate metric."""
+    import torch
+
+    tracking.configure(root)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=PYFUNC_CODE, artifacts={"bundle": bundle_dir},
+            registered_model_name=MODEL_NAME, signature=signature(),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                              "safetensors", "transformers", "torchaudio", "soundfile"])
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    all_tags = {**(tags or {}), GATE_METRIC: gate_metric, GATE_VALUE: repr(float(gate_value)),
+                GATE_MODE: "min" if lower_is_better else "max", "lafma.run_id": run_id}
+    for k, v in all_tags.items():
+        client.set_model_version_tag(MODEL_NAME, version, k, str(v))
+    client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)
+    return Registered(version, f"models:/{MODEL_NAME}/{version}")
+
+
+def set_gate(version: str, *, root: str, metric: str, value: float, lower_is_better: bool = True) -> None:
+    """Replace a version's gate metric (the evaluation stage's, once it has measured one)."""
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    for k, v in {GATE_METRIC: metric, GATE_VALUE: repr(float(value)), GATE_MODE: "min" if lower_is_better else "max"}.items():
+        client.set_model_version_tag(MODEL_NAME, version, k, v)
+
+
+def _alias_version(client, alias: str):
+    try:
+        return client.get_model_version_by_alias(MODEL_NAME, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    reason: str
+    candidate: str
+    champion: str | None  # the champion before the decision
+
+
+def gate(*, root: str, version: str | None = None) -> Decision:
+    """Move ``champion`` to ``version`` (default: the ``candidate``) only if its gate metric beats
+    the current champion's. Versions gated on different metrics are not compared: the champion
+    stays, and the reason says so."""
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    cand = client.get_model_version(MODEL_NAME, version) if version else _alias_version(client, CANDIDATE)
+    if cand is None:
+        raise ValueError(f"no {CANDIDATE!r} version of {MODEL_NAME!r} to gate")
+    champ = _alias_version(client, CHAMPION)
+    metric, value, mode = cand.tags.get(GATE_METRIC), float(cand.tags.get(GATE_VALUE, "nan")), cand.tags.get(GATE_MODE)
+    cand_v, champ_v = str(cand.version), (str(champ.version) if champ else None)
+    if champ is None:
+        ok, why = True, f"no champion yet; {metric} = {value:.6g}"
+    elif champ_v == cand_v:
+        return Decision(False, f"version {cand_v} is already the champion", cand_v, champ_v)
+    elif champ.tags.get(GATE_METRIC) != metric:
+        ok, why = False, (f"champion v{champ.version} is gated on {champ.tags.get(GATE_METRIC)!r}, candidate on "
+                          f"{metric!r}: not comparable; promote by hand (pipelines/promote.py) if intended")
+    else:
+        best = float(champ.tags.get(GATE_VALUE, "nan"))
+        ok = bool(value < best if mode == "min" else value > best)  # NaN never wins
+        why = (f"{metric}: candidate {value:.6g} {'beats' if ok else 'does not beat'} champion v{champ.version} "
+               f"{best:.6g} ({'lower' if mode == 'min' else 'higher'} is better)")
+    if ok:
+        promote(cand_v, root=root, reason=f"gate: {why}", by="gate")
+    return Decision(ok, why, cand_v, champ_v)
+
+
+def promote(version: str, *, root: str, reason: str, by: str | None = None) -> str | None:
+    """Point ``champion`` at ``version``; record who, why, when and the previous champion as
+    tags of the version. Returns the previous champion's version."""
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    client.get_model_version(MODEL_NAME, version)  # raises if it does not exist
+    prev = _alias_version(client, CHAMPION)
+    client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    record = {"lafma.promoted_by": by or getpass.getuser(), "lafma.promoted_reason": reason,
+              "lafma.promoted_at": now, "lafma.previous_champion": str(prev.version) if prev else ""}
+    for k, v in record.items():
+        client.set_model_version_tag(MODEL_NAME, version, k, v)
+    history = json.loads(client.get_registered_model(MODEL_NAME).tags.get("lafma.champion_history", "[]"))
+    history = (history + [{"version": version, "by": record["lafma.promoted_by"], "at": now, "reason": reason}])[-50:]
+    client.set_registered_model_tag(MODEL_NAME, "lafma.champion_history", json.dumps(history))
+    return str(prev.version) if prev else None
+
+
+def rollback(*, root: str, reason: str, by: str | None = None) -> str:
+    """Move ``champion`` back to the version it replaced; returns that version."""
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    champ = _alias_version(client, CHAMPION)
+    if champ is None:
+        raise ValueError("there is no champion to roll back")
+    prev = champ.tags.get("lafma.previous_champion")
+    if not prev:
+        raise ValueError(f"champion v{champ.version} replaced no earlier version; nothing to roll back to")
+    promote(prev, root=root, reason=f"rollback from v{champ.version}: {reason}", by=by)
+    return str(prev)
+
+
+def load_pipeline(uri: str, *, root: str, device: str | None = None):
+    """The :class:`~lafma.pipeline.LafmaPipeline` behind ``uri``: a registry URI
+    (``models:/lafma@champion``, ``models:/lafma/3``, ``runs:/<id>/model``), a downloaded pyfunc
+    directory, or a bare bundle directory (no MLflow needed)."""
+    from lafma.bundle import MANIFEST, load_bundle
+
+    if os.path.isfile(os.path.join(uri, MANIFEST)):
+        import torch
+
+        return load_bundle(uri, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if os.path.isdir(uri) or "://" in uri or uri.startswith("models:/"):
+        tracking.configure(root)
+        return mlflow.pyfunc.load_model(uri).unwrap_python_model().pipe
+    raise FileNotFoundError(f"no model at {uri!r}: expected models:/..., runs:/... or a bundle directory")
