@@ -412,6 +412,33 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` stage: generated held-out captions against held-out real audio.
+
+    ``embedder: aisfx`` works offline (weights inside the ``aisfx`` wheel, this project's own
+    scale); ``panns_cnn14_16k`` and ``vggish`` are the literature's protocol and need the
+    published checkpoint files (``embedder_weights``, and ``vggish_pca`` for VGGish).
+    """
+
+    embedder: Literal["aisfx", "panns_cnn14_16k", "panns_cnn14_32k", "vggish"] = "aisfx"
+    embedder_weights: str = ""
+    vggish_pca: str = ""
+    # Held-out clips (test and validation splits) scored, first by id.
+    max_clips: int = 256
+    # What the promotion gate compares: fd (lower is better), kl (lower), text_audio (higher).
+    gate_metric: Literal["fd", "kl", "text_audio"] = "fd"
+    # Also generate at each of these step counts and log quality and time against steps.
+    sweep_steps: tuple[int, ...] = ()
+    seed: int = 0
+
+    def validate(self, prefix: str = "evaluate") -> None:
+        _require(self.max_clips >= 4, f"{prefix}.max_clips", "must be >= 4 (two halves of two clips for real vs real)")
+        _require(self.embedder == "aisfx" or bool(self.embedder_weights), f"{prefix}.embedder_weights",
+                 f"is required for embedder {self.embedder!r} (a local checkpoint file)")
+        _require(all(s >= 1 for s in self.sweep_steps), f"{prefix}.sweep_steps", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training job: optimisation, distribution and bookkeeping.
 
@@ -491,6 +518,7 @@ class LafmaConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # The paper: VAE Adam 1e-5, betas (0.5, 0.9); HiFi-GAN AdamW 2e-4, (0.8, 0.99); LFM Adam 1e-4.
     train_vae: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, betas=(0.5, 0.9), crop_frames=1024))
     train_vocoder: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -8,8 +8,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lafma.config import LafmaConfig, config_hash
-from pipelines.core import storage
+from lafma.config import LafmaConfig, config_hash, to_dict
+from pipelines.core import storage, tracking
 from pipelines.core.cluster import init_ray
 from pipelines.core.stage import StageContext, digest, read_marker, write_marker
 
@@ -70,46 +70,104 @@ def _version(stage, ctx: StageContext, h: str, marker: dict | None) -> None:
         ctx.hashes[stage.name] = digest({"stage": h, "steps": marker.get("steps")})
 
 
+def _pipeline_run(ctx: StageContext) -> str:
+    """The parent run of this config: resumed when the same config runs again, so a
+    re-run or a resumed run lands under the same parent as the first attempt."""
+    h = config_hash(ctx.cfg)
+    tags = {"lafma.kind": "pipeline", "lafma.config_hash": h, "lafma.dataset": ctx.dataset}
+    found = tracking.find_run(root=ctx.root, experiment=ctx.cfg.name, tags=tags)
+    if found:
+        tracking.end_run(found, "RUNNING", tracking=tracking.tracking_uri(ctx.root))
+        return found
+    return tracking.start_run(root=ctx.root, experiment=ctx.cfg.name, run_name=f"pipeline-{h}",
+                              params=to_dict(ctx.cfg), tags=tags)
+
+
+def _stage_run(ctx: StageContext, name: str, h: str) -> str:
+    """The stage's child run, found again by its stage hash when an interrupted stage resumes."""
+    uri = tracking.tracking_uri(ctx.root)
+    found = tracking.find_run(root=ctx.root, experiment=ctx.cfg.name, tags={"lafma.stage_hash": h})
+    if found:
+        tracking.end_run(found, "RUNNING", tracking=uri)
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).set_tag(found, "mlflow.parentRunId", ctx.parent_run_id)  # the current pipeline run
+        return found
+    return tracking.start_run(root=ctx.root, experiment=ctx.cfg.name, run_name=f"{name}-{h}", params=to_dict(ctx.cfg),
+                              tags={"lafma.stage": name, "lafma.stage_hash": h, "lafma.dataset": ctx.dataset,
+                                    "lafma.mel_hash": ctx.cfg.mel.config_hash()},
+                              parent_run_id=ctx.parent_run_id)
+
+
+def _numbers(info: dict) -> dict[str, float]:
+    out = {k: float(v) for k, v in info.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out |= {k: float(v) for k, v in (info.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    return out
+
+
 def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
             until: str | None = None) -> list[StageReport]:
+    """Run the selected stages in DAG order (see the module docstring); each stage that runs
+    gets an MLflow child run under the pipeline's parent run."""
     names = [s.name for s in stages]
     chosen = select(names, only, start, until)
     ctx = StageContext(cfg=cfg, root=storage.absolute(cfg.storage.root), dataset=dataset_name(cfg))
+    ctx.hashes["config"] = config_hash(cfg)
     reports: list[StageReport] = []
     last = max(names.index(n) for n in chosen)
-    for stage in stages[: last + 1]:
-        key = stage.key(ctx)
-        h = digest(key)
-        out = ctx.data_dir(stage.name, h)
-        ctx.hashes[stage.name], ctx.outputs[stage.name] = h, out
-        marker = read_marker(out)
-        if marker is not None and hasattr(stage, "done") and not stage.done(marker, ctx):
-            marker = None  # e.g. a training stage asked for more steps: resume it
-        _version(stage, ctx, h, marker)
-        if stage.name not in chosen:
-            needed = any(stage.name in s.needs for s in stages if s.name in chosen)
-            if marker is None and needed:
-                raise SystemExit(f"stage {stage.name!r} has not finished for this config (no {out}/_SUCCESS.json); "
-                                 f"run it first, e.g. --until {stage.name}")
-            reports.append(StageReport(stage.name, "not selected" if marker is None else "done before", out,
-                                       info=marker or {}))
-            continue
-        if marker is not None:
-            print(f"[{stage.name}] finished before, skipping ({out})", flush=True)
-            reports.append(StageReport(stage.name, "skipped", out, info=marker))
-            continue
-        print(f"[{stage.name}] running -> {out}", flush=True)
-        init_ray(cfg.compute)  # only now: a run that skips everything never starts Ray
-        t0 = time.time()
-        info = stage.run(ctx, out)
-        seconds = time.time() - t0
-        marker = {"stage": stage.name, "config_hash": config_hash(cfg), "stage_hash": h,
-                  "inputs": {n: ctx.outputs[n] for n in stage.needs}, "seconds": round(seconds, 2),
-                  "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), **info}
-        write_marker(out, marker)
-        _version(stage, ctx, h, marker)
-        reports.append(StageReport(stage.name, "ran", out, seconds, marker))
+    uri = tracking.tracking_uri(ctx.root)
+    try:
+        for stage in stages[: last + 1]:
+            reports.append(_run_stage(stage, stages, chosen, ctx, uri))
+    except BaseException:
+        if ctx.parent_run_id:
+            tracking.end_run(ctx.parent_run_id, "FAILED", tracking=uri)
+        raise
+    if ctx.parent_run_id:
+        tracking.RunLogger(ctx.parent_run_id, tracking=uri).log_text(format_summary(reports), "summary.txt")
+        tracking.end_run(ctx.parent_run_id, tracking=uri)
     return reports
+
+
+def _run_stage(stage, stages: Sequence, chosen: list[str], ctx: StageContext, uri: str) -> StageReport:
+    h = digest(stage.key(ctx))
+    out = ctx.data_dir(stage.name, h)
+    ctx.hashes[stage.name], ctx.outputs[stage.name] = h, out
+    marker = read_marker(out)
+    if marker is not None and hasattr(stage, "done") and not stage.done(marker, ctx):
+        marker = None  # e.g. a training stage asked for more steps: resume it
+    _version(stage, ctx, h, marker)
+    if marker is not None and marker.get("run_id"):
+        ctx.run_ids[stage.name] = marker["run_id"]
+    if stage.name not in chosen:
+        needed = any(stage.name in s.needs for s in stages if s.name in chosen)
+        if marker is None and needed:
+            raise SystemExit(f"stage {stage.name!r} has not finished for this config (no {out}/_SUCCESS.json); "
+                             f"run it first, e.g. --until {stage.name}")
+        return StageReport(stage.name, "not selected" if marker is None else "done before", out, info=marker or {})
+    if marker is not None:
+        print(f"[{stage.name}] finished before, skipping ({out})", flush=True)
+        return StageReport(stage.name, "skipped", out, info=marker)
+    print(f"[{stage.name}] running -> {out}", flush=True)
+    init_ray(ctx.cfg.compute)  # only now: a run that skips everything never starts Ray
+    if ctx.parent_run_id is None:
+        ctx.parent_run_id = _pipeline_run(ctx)
+    run_id = ctx.run_ids[stage.name] = _stage_run(ctx, stage.name, h)
+    t0 = time.time()
+    try:
+        info = stage.run(ctx, out)
+    except BaseException as e:
+        tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", tracking=uri)
+        raise
+    seconds = time.time() - t0
+    marker = {"stage": stage.name, "config_hash": config_hash(ctx.cfg), "stage_hash": h,
+              "inputs": {n: ctx.outputs[n] for n in stage.needs}, "seconds": round(seconds, 2),
+              "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(), "run_id": run_id, **info}
+    write_marker(out, marker)
+    tracking.RunLogger(run_id, tracking=uri).log_metrics({f"stage/{k}": v for k, v in _numbers(marker).items()}, step=0)
+    tracking.end_run(run_id, tracking=uri)
+    _version(stage, ctx, h, marker)
+    return StageReport(stage.name, "ran", out, seconds, marker)
 
 
 def format_summary(reports: Sequence[StageReport]) -> str:
@@ -120,6 +178,12 @@ def format_summary(reports: Sequence[StageReport]) -> str:
                      f"{i.get('rows', ''):>10}{i.get('rejected', ''):>10}  {r.path}")
         if i.get("reasons"):
             lines.append(" " * 14 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
+        if "model_version" in i and r.name == "package":
+            lines.append(" " * 14 + f"registered {i.get('model_uri')} ({i.get('gate_metric')} = {i.get('gate_value', 0):.5g})")
+        if r.name == "promote" and "promoted" in i:
+            lines.append(" " * 14 + ("champion -> v" if i["promoted"] else "champion stays; v") + f"{i['model_version']}: {i['reason']}")
+        if "audio_dir" in i:
+            lines.append(" " * 14 + f"generated audio: {i['audio_dir']}")
         if "audio_hours" in i:
             lines.append(" " * 14 + f"{i['audio_hours']:.3f} h of audio, "
                          f"{i.get('audio_seconds_per_second', 0)}x real time")

@@ -35,8 +35,9 @@ class StageContext:
     dataset: str
     hashes: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
-    # The pipeline's MLflow parent run; each stage's run is its child.
+    # The pipeline's MLflow parent run; each stage's run is its child (ids by stage name).
     parent_run_id: str | None = None
+    run_ids: dict[str, str] = field(default_factory=dict)
 
     def data_dir(self, stage: str, digest: str) -> str:
         return storage.join(self.root, "data", self.dataset, f"{stage}-{digest}")

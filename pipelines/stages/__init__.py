@@ -2,12 +2,14 @@
 its output path hashes) and ``run`` (which writes everything, then the marker)."""
 
 from pipelines.stages.audio import AudioStage
+from pipelines.stages.evaluate import EvaluateStage
 from pipelines.stages.ingest import IngestStage
+from pipelines.stages.release import GenerateStage, PackageStage, PromoteStage
 from pipelines.stages.text import TextStage
 from pipelines.stages.train import LatentsStage, TrainLFMStage, TrainVAEStage, TrainVocoderStage
 
 STAGES = [IngestStage(), AudioStage(), TextStage(), TrainVAEStage(), TrainVocoderStage(), LatentsStage(),
-          TrainLFMStage()]
+          TrainLFMStage(), PackageStage(), EvaluateStage(), PromoteStage(), GenerateStage()]
 
-__all__ = ["STAGES", "AudioStage", "IngestStage", "LatentsStage", "TextStage", "TrainLFMStage", "TrainVAEStage",
-           "TrainVocoderStage"]
+__all__ = ["STAGES", "AudioStage", "EvaluateStage", "GenerateStage", "IngestStage", "LatentsStage", "PackageStage", "PromoteStage",
+           "TextStage", "TrainLFMStage", "TrainVAEStage", "TrainVocoderStage"]

@@ -1,0 +1,255 @@
+"""Stage ``evaluate``: generate the held-out captions with the candidate, score them against
+the held-out real audio, log everything to MLflow and hand the gate metric to promotion.
+
+Every number is labelled with the embedder that measured it (name and SHA-256 of its
+weights). Reference rows make the scale readable: real vs real (two halves of the held-out
+set), the vocoder's rendering of real mels, and the VAE + vocoder round trip of real mels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from lafma.config import LafmaConfig
+from lafma.data.captions import derive_seed
+from lafma.metrics import (
+    attribute_accuracy,
+    fit_attribute_classifiers,
+    fit_text_audio_projection,
+    frechet_distance_from_embeddings,
+    inception_score,
+    kl_divergence,
+)
+from pipelines.core import registry, storage
+from pipelines.core.stage import StageContext, read_marker
+from pipelines.stages.text import caption_key
+
+HELD_OUT = ("test", "validation")
+EMBED_BATCH = 16
+# Higher is better only for the text-audio score.
+HIGHER_IS_BETTER = {"text_audio"}
+
+
+def load_clips(audio_dir: str, splits: tuple[str, ...], limit: int) -> list[dict]:
+    """Clips of ``splits`` from the audio stage (first ``limit`` by id), with their waveform,
+    mel (n_mels, T) and attributes."""
+    rows = []
+    cols = ["id", "caption", "split", "attributes", "waveform", "valid_samples", "mel", "n_mels", "frames"]
+    for uri in storage.list_files(audio_dir, ".parquet"):
+        for r in storage.read_parquet_file(uri, cols).to_pylist():
+            if r["split"] in splits:
+                rows.append(r)
+    rows.sort(key=lambda r: r["id"])
+    out = []
+    for r in rows[:limit]:
+        out.append({"id": r["id"], "caption": r["caption"], "split": r["split"],
+                    "attributes": json.loads(r["attributes"] or "{}"),
+                    "waveform": np.asarray(r["waveform"], np.float32),
+                    "mel": np.asarray(r["mel"], np.float32).reshape(r["n_mels"], r["frames"])})
+    return out
+
+
+def caption_embeddings(text_dir: str, captions: list[str]) -> np.ndarray:
+    """(N, D) mean-pooled token embeddings of ``captions`` from the text stage's table."""
+    wanted = {caption_key(c) for c in captions}
+    pooled: dict[str, np.ndarray] = {}
+    for uri in storage.list_files(text_dir, ".parquet"):
+        t = storage.read_parquet_file(uri, ["caption_key", "emb", "length"])
+        for key, emb, n in zip(t.column("caption_key").to_pylist(), t.column("emb").to_numpy(zero_copy_only=False),
+                               t.column("length").to_pylist()):
+            if key in wanted:
+                e = np.asarray(emb, np.float32).reshape(n, -1)  # (L·D,) -> (L, D): only real tokens are stored
+                pooled[key] = e.mean(0)
+    return np.stack([pooled[caption_key(c)] for c in captions])
+
+
+def build_embedder(cfg: LafmaConfig, root: str):
+    from lafma.metrics.embedders import build_embedder as build
+    from lafma.metrics.embedders.aisfx import ensure_aisfx_weights
+
+    e = cfg.evaluate
+    if e.embedder == "aisfx":
+        cache = os.path.join(root if not storage.is_remote(root) else os.path.expanduser("~/.cache/lafma"), "weights")
+        os.makedirs(cache, exist_ok=True)
+        return build("aisfx", ensure_aisfx_weights(cache)).eval()
+    kwargs = {"pca_params": e.vggish_pca or None} if e.embedder == "vggish" else {}
+    return build(e.embedder, e.embedder_weights, **kwargs).eval()
+
+
+@torch.no_grad()
+def embed(embedder, waves: list[np.ndarray], sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(fd_features (M, D), clip embeddings (N, D), logits (N, K) or None)."""
+    feats, embs, logits = [], [], []
+    for start in range(0, len(waves), EMBED_BATCH):
+        x = torch.from_numpy(np.stack(waves[start : start + EMBED_BATCH]))  # (B, N)
+        feats.append(embedder.fd_features(x, sample_rate).numpy())
+        if embedder.num_classes:
+            emb, logit = embedder.embed_and_classify(x, sample_rate)
+            logits.append(logit.numpy())
+        else:
+            emb = embedder.embed(x, sample_rate)
+        embs.append(emb.numpy())
+    return np.concatenate(feats), np.concatenate(embs), (np.concatenate(logits) if logits else None)
+
+
+def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(n)
+    return idx[0::2], idx[1::2]
+
+
+class EvaluateStage:
+    name = "evaluate"
+    needs = ("ingest", "audio", "text", "package")
+
+    def key(self, ctx: StageContext) -> dict:
+        return {**{n: ctx.hashes[n] for n in self.needs}, "evaluate": ctx.cfg.evaluate, "sampler": ctx.cfg.sampler}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        cfg, e, s = ctx.cfg, ctx.cfg.evaluate, ctx.cfg.sampler
+        pkg = read_marker(ctx.outputs["package"])
+        held = load_clips(ctx.outputs["audio"], HELD_OUT, e.max_clips)
+        if len(held) < 4:
+            raise ValueError(f"evaluate needs at least 4 held-out clips ({'/'.join(HELD_OUT)} splits); found {len(held)}")
+        train = load_clips(ctx.outputs["audio"], ("train",), 1024)
+        sr = cfg.mel.sample_rate
+        embedder = build_embedder(cfg, ctx.root)
+        print(f"[evaluate] {len(held)} held-out clips, {len(train)} training clips; embedder {embedder.name}", flush=True)
+
+        gen, seconds_per_clip = self._generate(ctx, held, out_dir, "generated", s.steps, pkg)
+        real_f, real_e, real_l = embed(embedder, [c["waveform"] for c in held], sr)
+        gen_f, gen_e, gen_l = embed(embedder, gen, sr)
+        metrics = {"fd": frechet_distance_from_embeddings(gen_f, real_f)}
+        a, b = _halves(len(held))
+        metrics["fd_half"] = frechet_distance_from_embeddings(gen_e[a], real_e[b])  # same sizes as real vs real
+        refs = {"real_vs_real/fd": frechet_distance_from_embeddings(real_e[a], real_e[b])}
+        if gen_l is not None:
+            metrics["kl"] = kl_divergence(real_l, gen_l)
+            metrics["is"] = inception_score(gen_l, splits=min(10, len(held) // 2))[0]
+            refs["real/is"] = inception_score(real_l, splits=min(10, len(held) // 2))[0]
+
+        # What the generator's back end alone loses: the vocoder on real mels, and the VAE round trip.
+        pipe = registry.load_pipeline(pkg["bundle"] if not storage.is_remote(pkg["bundle"]) else pkg["model_uri"],
+                                      root=ctx.root, device="cpu")
+        with torch.no_grad():
+            mel = torch.from_numpy(np.stack([c["mel"] for c in held]))  # (N, n_mels, T)
+            vocoded = [w.numpy() for w in pipe.vocoder(mel)]
+            roundtrip = [w.numpy() for w in pipe.vocoder(pipe.vae.decode(pipe.vae.encode(mel).mean))]
+        refs["vocoder/fd"] = frechet_distance_from_embeddings(embed(embedder, vocoded, sr)[0], real_f)
+        refs["vae_vocoder/fd"] = frechet_distance_from_embeddings(embed(embedder, roundtrip, sr)[0], real_f)
+
+        # Text-audio agreement: a contrastive projection fitted on the training clips' real audio.
+        train_e = embed(embedder, [c["waveform"] for c in train], sr)[1]
+        captions = [c["caption"] for c in train]
+        proj = fit_text_audio_projection(torch.from_numpy(train_e), torch.from_numpy(
+            caption_embeddings(ctx.outputs["text"], captions)), keys=captions, seed=e.seed)
+        held_text = torch.from_numpy(caption_embeddings(ctx.outputs["text"], [c["caption"] for c in held]))
+        per_clip_ta = proj.score(torch.from_numpy(gen_e), held_text).detach().numpy()
+        metrics["text_audio"] = float(per_clip_ta.mean())
+        refs["real/text_audio"] = float(proj.score(torch.from_numpy(real_e), held_text).detach().mean())
+
+        attrs = self._attributes(train, train_e, held, gen_e, real_e)
+        sweep = self._sweep(ctx, held, out_dir, embedder, real_f, pkg) if e.sweep_steps else {}
+        gate_value = metrics[e.gate_metric]
+        gate_name = f"{e.gate_metric}/{embedder.name}"
+        registry.set_gate(pkg["model_version"], root=ctx.root, metric=gate_name, value=gate_value,
+                          lower_is_better=e.gate_metric not in HIGHER_IS_BETTER)
+        flat = {f"eval/{k}": v for k, v in metrics.items()} | {f"ref/{k}": v for k, v in refs.items()}
+        flat |= {f"attr/{a}/{k}": v[k] for a, v in attrs.items() for k in ("accuracy", "chance", "real_accuracy")}
+        flat["eval/seconds_per_clip"] = seconds_per_clip
+        self._log(ctx, held, gen, per_clip_ta, flat, embedder, sweep, out_dir)
+        print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
+        return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
+                "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep}
+
+    def _generate(self, ctx: StageContext, held: list[dict], out_dir: str, name: str, steps: int,
+                  pkg: dict) -> tuple[list[np.ndarray], float]:
+        """The held-out captions through batch generation (resumable); waveforms in ``held`` order."""
+        import soundfile as sf
+
+        from pipelines.generation import GenerationSettings, run_generation
+
+        g, s, e = ctx.cfg.generate, ctx.cfg.sampler, ctx.cfg.evaluate
+        out = storage.join(out_dir, name)
+        captions = storage.join(out, "captions.jsonl")
+        lines = "".join(json.dumps({"id": c["id"], "caption": c["caption"], "seed": derive_seed(e.seed, c["id"])}) + "\n"
+                        for c in held)
+        storage.write_bytes(captions, lines.encode())
+        model = pkg["bundle"] if not storage.is_remote(pkg["bundle"]) else pkg["model_uri"]
+        settings = GenerationSettings(model=model, steps=steps, guidance=s.guidance, solver=s.solver,
+                                      duration=ctx.cfg.audio.clip_seconds, seed=e.seed, batch_size=g.batch_size,
+                                      actors=g.actors, actor_cpus=g.actor_cpus, actor_gpus=g.actor_gpus)
+        t0 = time.time()
+        run_generation(captions, out, settings, root=ctx.root, defaults={"steps": steps, "guidance": s.guidance,
+                                                                          "solver": s.solver, "duration": s.duration})
+        wall = time.time() - t0
+        rows = {r["id"]: r for r in storage.read_parquet_file(storage.join(out, "manifest.parquet")).to_pylist()}
+        waves = []
+        for c in held:
+            wav, _ = sf.read(io.BytesIO(storage.read_bytes(storage.join(out, rows[c["id"]]["path"]))), dtype="float32")
+            waves.append(wav)
+        per_clip = float(np.mean([r["seconds"] for r in rows.values()]))
+        return waves, per_clip if per_clip > 0 else wall / len(held)
+
+    def _attributes(self, train, train_e, held, gen_e, real_e) -> dict:
+        """Accuracy of attribute classifiers (fitted on real training clips) on generated clips
+        of held-out captions, beside their accuracy on the held-out real clips."""
+        names = sorted({k for c in train for k in c["attributes"]})
+        if not names:
+            return {}
+        fit = fit_attribute_classifiers(torch.from_numpy(train_e),
+                                        {a: [c["attributes"].get(a) for c in train] for a in names})
+        labels = {a: [c["attributes"].get(a) for c in held] for a in names}
+        on_gen = attribute_accuracy(fit, torch.from_numpy(gen_e), labels)
+        on_real = attribute_accuracy(fit, torch.from_numpy(real_e), labels)
+        return {a: {**on_gen[a], "real_accuracy": on_real[a]["accuracy"]} for a in on_gen}
+
+    def _sweep(self, ctx, held, out_dir, embedder, real_f, pkg) -> dict:
+        """FD and time per clip at each of ``evaluate.sweep_steps`` (the paper: ~10 steps suffice)."""
+        out = {}
+        for steps in ctx.cfg.evaluate.sweep_steps:
+            waves, seconds = self._generate(ctx, held, out_dir, f"sweep/steps-{steps:04d}", steps, pkg)
+            out[steps] = {"fd": frechet_distance_from_embeddings(embed(embedder, waves, ctx.cfg.mel.sample_rate)[0],
+                                                                 real_f), "seconds_per_clip": seconds}
+            print(f"[evaluate] {steps} steps: fd {out[steps]['fd']:.4g}, {seconds:.3f} s/clip", flush=True)
+        return out
+
+    def _log(self, ctx, held, gen, per_clip_ta, flat, embedder, sweep, out_dir) -> None:
+        import pandas as pd
+        from mlflow import MlflowClient
+
+        from pipelines.core.tracking import RunLogger, tracking_uri
+
+        storage.write_json(storage.join(out_dir, "metrics.json"), {"metrics": flat, "sweep": sweep,
+                                                                   "embedder": embedder.describe()})
+        run_id = ctx.run_ids.get(self.name)
+        logger = RunLogger(run_id, tracking=tracking_uri(ctx.root))
+        if not logger.enabled:
+            return
+        logger.log_metrics(flat, step=0)
+        logger.set_tags({f"lafma.{k}": v for k, v in embedder.describe().items()})
+        table = pd.DataFrame({"id": [c["id"] for c in held], "caption": [c["caption"] for c in held],
+                              "split": [c["split"] for c in held], "text_audio": per_clip_ta.astype(float),
+                              "audio": [f"generated/{c['id']}.wav" for c in held]})
+        MlflowClient(tracking_uri(ctx.root)).log_table(run_id, table, "eval/clips.json")
+        for c, wav in list(zip(held, gen))[:8]:
+            logger.log_audio(wav, ctx.cfg.mel.sample_rate, f"eval/generated/{c['id']}.wav")
+        if sweep:
+            from matplotlib.figure import Figure
+
+            steps = sorted(sweep)
+            for st in steps:
+                logger.log_metrics({"sweep/fd": sweep[st]["fd"], "sweep/seconds_per_clip": sweep[st]["seconds_per_clip"]},
+                                   step=st)
+            fig = Figure(figsize=(9, 3.5), layout="constrained")
+            ax1, ax2 = fig.subplots(1, 2)
+            ax1.plot(steps, [sweep[st]["fd"] for st in steps], "o-")
+            ax1.set(xscale="log", xlabel="ODE steps", ylabel=f"FD ({embedder.name})", title="quality against steps")
+            ax2.plot(steps, [sweep[st]["seconds_per_clip"] for st in steps], "o-")
+            ax2.set(xscale="log", xlabel="ODE steps", ylabel="seconds per clip", title="time against steps")
+            logger.log_image(fig, "eval/steps_sweep.png")

@@ -1,0 +1,207 @@
+"""Stages 7-9: package the trained components as one registered model, gate its promotion,
+and generate the demo captions with it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from lafma.bundle import load_bundle, write_bundle
+from lafma.config import LafmaConfig, from_dict
+from lafma.flow import OTPath
+from pipelines.core import registry, storage
+from pipelines.core.stage import StageContext
+from pipelines.train.lfm import pad_embeddings
+
+GATE_METRIC = "heldout/fm_loss"
+COMPONENT_STAGES = {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
+
+
+def heldout_rows(latents_dir: str, n: int) -> tuple[pa.Table, str]:
+    """Up to ``n`` rows of the held-out split (validation, else test), first by id."""
+    table = storage.read_parquet_dir(latents_dir, columns=["id", "split", "mean", "emb", "length"])
+    for split in ("validation", "test", "train"):
+        part = table.filter(pc.equal(table.column("split"), split))
+        if part.num_rows:
+            return part.sort_by("id").slice(0, n), split
+    raise ValueError(f"no latents under {latents_dir}")
+
+
+@torch.no_grad()
+def heldout_fm_loss(unet: torch.nn.Module, rows: pa.Table, cfg: LafmaConfig, *, times: int,
+                    batch_size: int = 16) -> float:
+    """The flow-matching loss of ``unet`` on held-out latents, with the noise and the times
+    fixed (t at the midpoints of ``times`` equal bins; noise seeded by row), so two models
+    scored on the same rows see exactly the same problems and differ only by their weights."""
+    shape, path = cfg.latent_shape(), OTPath(cfg.flow.sigma_min)
+    device = next(unet.parameters()).device
+    total, count = 0.0, 0
+    records = rows.to_pylist()
+    for start in range(0, len(records), batch_size):
+        part = records[start : start + batch_size]
+        x1 = torch.from_numpy(np.stack([np.asarray(r["mean"], np.float32) for r in part])).reshape(-1, *shape)
+        x1 = (x1 * cfg.vae.scale_factor).to(device)  # the posterior mean: no sampling noise in the score
+        ctx, mask = pad_embeddings([r["emb"] for r in part], [r["length"] for r in part], cfg.context_dim)
+        for k in range(times):
+            t = torch.full((len(part),), (k + 0.5) / times, device=device)
+            g = torch.Generator().manual_seed(1_000_003 * k + start)
+            x0 = torch.randn(x1.shape, generator=g).to(device)
+            x_t, target = path.sample(x0, x1, t)
+            err = (unet(x_t, t, context=ctx.to(device), context_mask=mask.to(device)) - target) ** 2
+            total += float(err.mean(dim=tuple(range(1, err.dim()))).sum())
+            count += len(part)
+    return total / count
+
+
+class PackageStage:
+    """Bundle the LFM, VAE and vocoder (mel hashes checked), score the gate metric, register
+    the bundle as a new version of ``lafma`` with the ``candidate`` alias."""
+
+    name = "package"
+    needs = ("text", "latents", "train_vae", "train_vocoder", "train_lfm")
+
+    def key(self, ctx: StageContext) -> dict:
+        g = ctx.cfg.generate
+        return {**{n: ctx.hashes[n] for n in self.needs}, "gate": [g.gate_clips, g.gate_times]}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        with tempfile.TemporaryDirectory(prefix="lafma-package-") as tmp:
+            weights, components = {}, {}
+            for comp, stage in COMPONENT_STAGES.items():
+                src = ctx.outputs[stage]
+                weights[comp] = os.path.join(tmp, f"src-{comp}.safetensors")
+                with open(weights[comp], "wb") as f:
+                    f.write(storage.read_bytes(storage.join(src, f"{comp}.safetensors")))
+                components[comp] = storage.read_json(storage.join(src, "config.json"))["config"]
+            lineage = {"dataset": ctx.dataset, "storage_root": ctx.root,
+                       # A training stage's hash here also counts its steps; its path is where it lives.
+                       **{f"{n}_hash": ctx.hashes[n] for n in ("ingest", "audio", "text", *self.needs)},
+                       **{f"{n}_path": ctx.outputs[n] for n in ("ingest", "audio", "text", *self.needs)},
+                       **{f"{stage}_run": ctx.run_ids.get(stage, "") for stage in COMPONENT_STAGES.values()}}
+            bundle = os.path.join(tmp, "bundle")
+            manifest = write_bundle(bundle, components=components, weights=weights, lineage=lineage)
+            pipe = load_bundle(bundle)  # proves the bundle loads before anyone can promote it
+            rows, split = heldout_rows(ctx.outputs["latents"], ctx.cfg.generate.gate_clips)
+            # The LFM's own config: it holds the latent scale it was trained with.
+            value = heldout_fm_loss(pipe.unet, rows, from_dict(LafmaConfig, components["unet"]),
+                                    times=ctx.cfg.generate.gate_times)
+            metric = GATE_METRIC if split != "train" else "train/fm_loss"
+            tags = {f"lafma.{k}": v for k, v in lineage.items()}
+            tags |= {"lafma.mel_hash": manifest["mel_hash"], "lafma.config_hash": ctx.hashes.get("config", ""),
+                     "lafma.text_encoder": manifest["text_encoder"].get("name_or_path") or manifest["text_encoder"]["kind"],
+                     "lafma.gate.split": split, "lafma.gate.clips": rows.num_rows}
+            reg = registry.register(bundle, root=ctx.root, run_id=ctx.run_ids[self.name], gate_metric=metric,
+                                    gate_value=value, tags=tags)
+            for name in sorted(os.listdir(bundle)):  # also beside the stage: servable without the registry
+                file = os.path.join(bundle, name)
+                if os.path.isfile(file):
+                    with open(file, "rb") as f:
+                        storage.write_bytes(storage.join(out_dir, "bundle", name), f.read())
+        print(f"[package] registered {registry.MODEL_NAME} v{reg.version} ({reg.uri}) as {registry.CANDIDATE}; "
+              f"{metric} = {value:.5f} on {rows.num_rows} {split} clips", flush=True)
+        return {"model_version": reg.version, "model_uri": reg.uri, "gate_metric": metric, "gate_value": value,
+                "gate_clips": rows.num_rows, "bundle": storage.join(out_dir, "bundle"), "metrics": {metric: value}}
+
+
+class PromoteStage:
+    """``champion`` moves to the new version only if its gate metric beats the champion's."""
+
+    name = "promote"
+    needs = ("package", "evaluate")
+
+    def key(self, ctx: StageContext) -> dict:
+        return {n: ctx.hashes[n] for n in self.needs}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        from pipelines.core.stage import read_marker
+
+        version = read_marker(ctx.outputs["package"])["model_version"]
+        d = registry.gate(root=ctx.root, version=version)
+        print(f"[promote] v{d.candidate}: {'promoted to champion' if d.promoted else 'not promoted'} ({d.reason})",
+              flush=True)
+        return {"model_version": d.candidate, "promoted": d.promoted, "reason": d.reason,
+                "previous_champion": d.champion}
+
+
+def demo_captions(ctx: StageContext) -> list[dict]:
+    """The held-out (test and validation) captions of the dataset, alternating with training
+    captions for comparison; at most ``generate.max_captions``."""
+    manifest = storage.read_parquet_dir(ctx.outputs["ingest"], columns=["id", "caption", "split"])
+    rows = sorted(manifest.to_pylist(), key=lambda r: r["id"])
+    n = ctx.cfg.generate.max_captions
+    held = list({r["caption"]: r for r in rows if r["split"] in ("test", "validation")}.values())
+    train = list({r["caption"]: r for r in rows if r["split"] == "train"}.values())
+    # Every other slot a held-out caption while both last (held-out first).
+    picked, seen = [], set()
+    for r in [x for pair in zip(held, train) for x in pair] + held + train:
+        if r["caption"] not in seen and len(picked) < n:
+            seen.add(r["caption"])
+            picked.append({"id": f"{r['split']}-{len(picked):03d}", "caption": r["caption"]})
+    return picked
+
+
+class GenerateStage:
+    """Generate the demo captions with the packaged model (batch generation on Ray Data) and
+    log their spectrograms and audio to the stage's MLflow run."""
+
+    name = "generate"
+    needs = ("ingest", "package")
+
+    def key(self, ctx: StageContext) -> dict:
+        g = ctx.cfg.generate
+        return {"ingest": ctx.hashes["ingest"], "package": ctx.hashes["package"], "sampler": ctx.cfg.sampler,
+                "captions": g.captions, "max_captions": g.max_captions, "seed": g.seed}
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        from pipelines.core.stage import read_marker
+        from pipelines.generation import GenerationSettings, run_generation
+
+        g, s = ctx.cfg.generate, ctx.cfg.sampler
+        captions = g.captions
+        if not captions:
+            captions = storage.join(out_dir, "captions.jsonl")
+            import json
+
+            lines = "".join(json.dumps(r) + "\n" for r in demo_captions(ctx))
+            storage.write_bytes(captions, lines.encode())
+        bundle = read_marker(ctx.outputs["package"])["bundle"]
+        model = bundle if not storage.is_remote(bundle) else read_marker(ctx.outputs["package"])["model_uri"]
+        settings = GenerationSettings(model=model, steps=s.steps, guidance=s.guidance, solver=s.solver,
+                                      duration=s.duration, seed=g.seed, batch_size=g.batch_size, actors=g.actors,
+                                      actor_cpus=g.actor_cpus, actor_gpus=g.actor_gpus)
+        summary = run_generation(captions, out_dir, settings, root=ctx.root,
+                                 defaults={"steps": s.steps, "guidance": s.guidance, "solver": s.solver,
+                                           "duration": s.duration})
+        log_generations(ctx, out_dir)
+        return {"rows": summary["rows"], "rejected": summary["rejected"], "reasons": summary["reasons"],
+                "audio_dir": storage.join(out_dir, "wavs"), "clips_per_second": summary["clips_per_second"],
+                "rtf": summary["rtf"]}
+
+
+def log_generations(ctx: StageContext, out_dir: str, limit: int = 8) -> None:
+    """Spectrograms (one image, one colour scale) and audio of the first clips, to MLflow."""
+    import io
+
+    import soundfile as sf
+
+    from lafma.audio.mel import MelSpectrogram
+    from pipelines.core.tracking import RunLogger, mel_image
+
+    logger = RunLogger(ctx.run_ids.get("generate"), tracking=None)
+    if not logger.enabled:
+        return
+    manifest = storage.read_parquet_file(storage.join(out_dir, "manifest.parquet")).to_pylist()[:limit]
+    mel = MelSpectrogram.from_config(ctx.cfg.mel)
+    panels = []
+    for r in manifest:
+        wav, sr = sf.read(io.BytesIO(storage.read_bytes(storage.join(out_dir, r["path"]))), dtype="float32")
+        panels.append((r["caption"][:90], mel(torch.from_numpy(wav)[None])[0].numpy()))
+        logger.log_audio(wav, sr, f"generated/{r['path'].rsplit('/', 1)[-1]}")
+    if panels:
+        logger.log_image(mel_image(panels, sample_rate=ctx.cfg.mel.sample_rate, hop_length=ctx.cfg.mel.hop_length),
+                         "generated/spectrograms.png")
