@@ -92,13 +92,18 @@ def test_ray_job_submit_runs_the_pipeline_on_a_running_cluster(tmp_path):
     # Ray's temp dir must stay short (socket paths are limited to ~107 bytes).
     temp_dir = Path("/tmp") / f"lafma-rayjob-{os.getpid()}"
     store = tmp_path / "store"
-    gcs, dashboard = _free_port(), _free_port()
+    # Every port its own: the test session's Ray (and its dashboard agent) may hold the defaults.
+    gcs, dashboard, agent, agent_grpc, env_agent = (_free_port() for _ in range(5))
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-           "LAFMA_PROGRESS": "0"}
+           "LAFMA_PROGRESS": "0",
+           # Ray 2.60 starts clusters with token auth on; the job CLI sends the token only in this mode.
+           "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                            f"--runtime-env-agent-port={env_agent}",
                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                            capture_output=True, text=True, timeout=180, env=env)
     assert start.returncode == 0, start.stderr[-3000:]
