@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from lafma.metrics import clap_score
 from lafma.metrics.embedders import (
     AisfxEmbedder,
     CheckpointFormatError,
@@ -239,94 +238,7 @@ def test_vggish_wrong_key_is_named(tmp_path):
     assert err.value.unexpected == ["embeddings.5.bias"]
 
 
-# ------------------------------------------------------------------ LAION-CLAP
-
-_HTSAT_KEYS = {  # a representative part of HTS-AT's keys; its shapes are not checked
-    "spectrogram_extractor.stft.conv_real.weight": (513, 1, 1024),
-    "spectrogram_extractor.stft.conv_imag.weight": (513, 1, 1024),
-    "logmel_extractor.melW": (513, 64), "bn0.weight": (64,), "patch_embed.proj.weight": (96, 1, 4, 4),
-    "layers.0.blocks.0.norm1.weight": (96,), "layers.0.blocks.0.attn.qkv.weight": (288, 96),
-    "layers.0.blocks.0.attn.relative_position_bias_table": (225, 4), "norm.weight": (768,),
-    "tscam_conv.weight": (527, 768, 2, 3), "head.weight": (527, 527),
-}
-
-
-def _tiny_roberta(vocab: int, seed: int):
-    from transformers import RobertaConfig, RobertaModel
-
-    torch.manual_seed(seed)
-    config = RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
-                           intermediate_size=128, max_position_embeddings=80, type_vocab_size=1,
-                           layer_norm_eps=1e-5, pad_token_id=1)
-    return RobertaModel(config).eval()
-
-
-@pytest.fixture(scope="module")
-def clap_parts():
-    """The published key layout (``state_dict`` with ``module.`` prefixes) at a tiny width."""
-    from transformers import ByT5Tokenizer
-
-    tokenizer = ByT5Tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        text = _tiny_roberta(len(tokenizer), seed=0)
-        g = torch.Generator().manual_seed(1)
-        state = {f"audio_branch.{k}": torch.randn(s, generator=g) for k, s in _HTSAT_KEYS.items()}
-        state |= {f"text_branch.{k}": v for k, v in text.state_dict().items()}
-        state["text_branch.embeddings.position_ids"] = torch.arange(80)[None]  # older transformers saved it
-        for side, width in (("audio", 24), ("text", 64)):
-            state |= {f"{side}_projection.0.weight": torch.randn(16, width, generator=g),
-                      f"{side}_projection.0.bias": torch.randn(16, generator=g),
-                      f"{side}_projection.2.weight": torch.randn(16, 16, generator=g),
-                      f"{side}_projection.2.bias": torch.randn(16, generator=g)}
-            for i in (0, 3):  # MLPLayers: Linear, ReLU, Dropout, Linear
-                state |= {f"{side}_transform.sequential.{i}.weight": torch.randn(16, 16, generator=g),
-                          f"{side}_transform.sequential.{i}.bias": torch.randn(16, generator=g)}
-        state |= {"logit_scale_a": torch.tensor(math.log(1 / 0.07)), "logit_scale_t": torch.tensor(math.log(1 / 0.07))}
-    return state, tokenizer, text
-
-
-def _save_clap(state: dict, path: Path) -> Path:
-    torch.save({"epoch": 45, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
-    return path
-
-
-def test_clap_text_tower_and_projections_load_from_the_published_layout(clap_parts, tmp_path):
-    state, tokenizer, text = clap_parts
-    path = _save_clap(state, tmp_path / "630k-audioset-best.pt")
-    clap = ClapModel(path, tokenizer=tokenizer)
-    assert clap.name == "laion-clap-htsat" and clap.audio_kind == "htsat" and clap.dim == 16
-    assert clap.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    captions = ["a dog barks twice", "rain on a tin roof"]
-    t = clap.embed_text(captions)
-    assert t.shape == (2, 16)
-    torch.testing.assert_close(t.norm(dim=1), torch.ones(2))
-    # Same numbers as the reference modules: RoBERTa's pooler output through the projection head.
-    tok = tokenizer(captions, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
-    with torch.no_grad():
-        pooled = text(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
-        proj = torch.relu(pooled @ state["text_projection.0.weight"].T + state["text_projection.0.bias"])
-        proj = proj @ state["text_projection.2.weight"].T + state["text_projection.2.bias"]
-    torch.testing.assert_close(t, torch.nn.functional.normalize(proj, dim=-1))
-    a = clap.project_audio(torch.randn(2, 24))
-    assert a.shape == (2, 16) and -1 <= clap_score(t, a) <= 1
-    with pytest.raises(NotImplementedError, match="project_audio"):
-        clap.embed_audio(torch.zeros(1, 48000), 48000)
-
-
-def test_clap_wrong_key_or_missing_group_is_named(clap_parts, tmp_path):
-    state, _, _ = clap_parts
-    renamed = dict(state)
-    renamed["audio_projection.3.weight"] = renamed.pop("audio_projection.2.weight")
-    with pytest.raises(CheckpointFormatError, match="audio_projection.2.weight") as err:
-        ClapModel(_save_clap(renamed, tmp_path / "renamed.pt"))
-    assert "audio_projection.3.weight" in err.value.unexpected
-    no_text = {k: v for k, v in state.items() if not k.startswith("text_branch.")}
-    with pytest.raises(CheckpointFormatError, match=r"text_branch\.\*"):
-        ClapModel(_save_clap(no_text, tmp_path / "no_text.pt"))
-    narrow = dict(state)
-    narrow["text_projection.0.weight"] = torch.zeros(16, 32)  # does not fit the 64-wide text tower
-    with pytest.raises(CheckpointFormatError, match="text_projection.0.weight"):
-        ClapModel(_save_clap(narrow, tmp_path / "narrow.pt"))
+# ------------------------------------------------------------------ LAION-CLAP: see test_metrics_clap.py
 
 
 # ------------------------------------------------------------------ common

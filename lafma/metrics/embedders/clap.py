@@ -1,4 +1,4 @@
-"""LAION-CLAP from a user-supplied checkpoint: layout validation, text tower and projection heads.
+"""LAION-CLAP from a user-supplied checkpoint: layout validation, audio and text towers, projections.
 
 A published LAION-CLAP checkpoint (``630k-audioset-best.pt`` and its siblings) is a dict
 whose ``"state_dict"`` holds, under a ``module.`` prefix (it was saved from DDP):
@@ -11,13 +11,29 @@ whose ``"state_dict"`` holds, under a ``module.`` prefix (it was saved from DDP)
 * ``logit_scale_a``, ``logit_scale_t``: learnt temperatures.
 
 What is implemented: the full layout check (every group, the projection shapes, the encoder
-type), the text tower (RoBERTa rebuilt by ``transformers`` from the checkpoint's own shapes,
-with a tokenizer the user supplies from a local directory, since no hub is reachable), and
-both projection heads. What is not: the HTS-AT audio encoder. Reimplementing a Swin
-transformer without the reference weights at hand to check it against would give numbers
-that look like CLAP scores and are not, so :meth:`ClapModel.embed_audio` refuses; audio
-features computed by the reference implementation can still be projected with
-:meth:`ClapModel.project_audio` and scored with :func:`lafma.metrics.clap_score`.
+type), both audio towers rebuilt in lafma and loaded strictly from ``audio_branch.*``
+(HTS-AT, :mod:`lafma.metrics.embedders.htsat`, for ``amodel="HTSAT-tiny"``/``"HTSAT-base"``;
+Cnn14, :mod:`lafma.metrics.embedders.panns`, for ``amodel="PANN-14"``), LAION-CLAP's audio
+preprocessing at 48 kHz, the text tower (RoBERTa rebuilt by ``transformers`` from the
+checkpoint's own shapes, with a tokenizer the user supplies from a local directory, since no
+hub is reachable), and both projection heads. What is not: feature-fusion checkpoints
+(``630k-fusion-best.pt``, ``630k-audioset-fusion-best.pt``), whose audio branch adds a second
+convolutional path over three local 10 s crops; they are refused by name.
+
+Audio preprocessing, as LAION-CLAP's ``get_audio_embedding_from_data`` does it for a
+non-fusion model: resample to 48 kHz, quantise to 16 bits, then fit to exactly 10 s
+(480 000 samples): shorter clips are tiled whole as many times as fit and zero-padded
+(``data_filling="repeatpad"``), longer ones cut to a random 10 s window
+(``data_truncating="rand_trunc"``). The encoder's ``embedding`` output goes through
+``audio_projection`` and is L2-normalised.
+
+Both audio towers were compared once, out of tree, with the modules of the ``laion_clap``
+1.1.7 wheel (HTS-AT tiny and PANN-14 at 48 kHz, random weights and BatchNorm statistics): the
+reference ``state_dict`` loads strictly and the ``embedding`` outputs agree exactly. The
+test suite cannot repeat that (the reference is not a dependency); it checks format and
+plumbing on files built in the published layout. Scores with the real weights have not been
+compared with published numbers here. Resampling uses resampy's ``kaiser_best`` filter;
+``librosa.load`` in recent librosa uses soxr, which differs slightly.
 """
 
 from __future__ import annotations
@@ -30,13 +46,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lafma.metrics.embedders.base import resample_hq
 from lafma.metrics.embedders.checkpoints import (
     CheckpointFormatError,
     check_state_dict,
+    load_checked,
     load_torch_file,
     require_file,
     sha256_file,
 )
+from lafma.metrics.embedders.htsat import HTSAT, HTSATConfig, mismatched_buffers
+from lafma.metrics.embedders.panns import Cnn14, Cnn14Preset
 
 LAYOUT = "LAION-CLAP"
 CONTEXT_LENGTH = 77  # CLAP tokenises every caption to exactly 77 tokens
@@ -54,6 +74,13 @@ _AUDIO_KINDS = {
 _TEXT_KEYS = ("text_branch.embeddings.word_embeddings.weight", "text_branch.embeddings.position_embeddings.weight",
               "text_branch.encoder.layer.0.attention.self.query.weight", "text_branch.pooler.dense.weight")
 _HEAD_DIM = 64  # RoBERTa's attention head width: heads = hidden / 64 (12 for roberta-base)
+# LAION-CLAP's audio settings (model_configs/{HTSAT-tiny,PANN-14}.json, audio_cfg): 48 kHz,
+# 1024-point window, 480 hop (10 ms), 64 mel bins over 50-14000 Hz, 10 s clips.
+SAMPLE_RATE = 48000
+CLIP_SAMPLES = 480000
+_FRONT_END = {"sample_rate": SAMPLE_RATE, "hop_size": 480, "fmin": 50.0, "fmax": 14000.0}
+# Keys only a feature-fusion audio branch has (its local-crop convolution and fusion module).
+_FUSION_PARTS = ("fusion_model", "mel_conv1d", "mel_conv2d")
 
 
 def read_clap_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], str]:
@@ -135,21 +162,86 @@ def _roberta(state: Mapping[str, Tensor], path: os.PathLike, num_heads: int | No
     return model.eval().requires_grad_(False)
 
 
+def _audio_branch(state: Mapping[str, Tensor], kind: str, path: os.PathLike) -> nn.Module:
+    """The audio encoder of ``kind``, shaped by the checkpoint and loaded strictly from ``audio_branch.*``."""
+    sub = {k.removeprefix("audio_branch."): v for k, v in state.items() if k.startswith("audio_branch.")}
+    fusion = sorted(k for k in sub if any(part.startswith(_FUSION_PARTS) for part in k.split(".")))
+    if fusion:
+        raise NotImplementedError(
+            f"{os.fspath(path)}: a feature-fusion LAION-CLAP checkpoint (audio_branch.{fusion[0]} and "
+            f"{len(fusion) - 1} more fusion keys): lafma implements only the non-fusion models; use "
+            "630k-audioset-best.pt or 630k-best.pt")
+    layout = f"{LAYOUT} audio_branch ({'HTS-AT' if kind == 'htsat' else 'PANNs Cnn14'})"
+    try:
+        if kind == "htsat":
+            config = HTSATConfig.from_state(sub, **_FRONT_END)
+        else:
+            n_fft = 2 * (sub["logmel_extractor.melW"].shape[0] - 1)
+            preset = Cnn14Preset(window_size=n_fft, mel_bins=sub["bn0.weight"].shape[0],
+                                 classes=sub["fc_audioset.weight"].shape[0], **_FRONT_END)
+            channels = [sub[f"conv_block{i}.conv1.weight"].shape[0] for i in range(1, 7)]
+    except KeyError as err:  # a key the network's shape is read from is absent
+        raise CheckpointFormatError(path, layout, missing=[f"audio_branch.{err.args[0]}"]) from err
+    except IndexError as err:  # such a key has too few dimensions
+        raise CheckpointFormatError(path, layout, detail=f"malformed parameter shapes ({err})") from err
+    with torch.device("meta"):  # every tensor comes from the file
+        net = HTSAT(config, init_frontend=False) if kind == "htsat" else \
+            Cnn14(preset, init_frontend=False, channels=channels)
+    load_checked(net, sub, path, layout)
+    if kind == "htsat" and (wrong := mismatched_buffers(sub, config)):
+        raise CheckpointFormatError(path, layout, detail=f"derived buffers {wrong} differ from the "
+                                    f"window geometry (window {config.window}) the shapes imply")
+    return net.eval().requires_grad_(False)
+
+
+def fit_clip(wave: Tensor, length: int = CLIP_SAMPLES, generator: torch.Generator | None = None) -> Tensor:
+    """(N,) → (length,): LAION-CLAP's ``repeatpad`` for short clips, ``rand_trunc`` for long ones.
+
+    A short clip is tiled whole ``length // N`` times, then zero-padded; a long one is cut to a
+    uniformly random window (``generator`` makes the choice reproducible).
+    """
+    n = wave.shape[-1]
+    if n > length:
+        start = int(torch.randint(0, n - length + 1, (1,), generator=generator))
+        return wave[start:start + length]
+    if n < length:
+        wave = wave.repeat(length // n)
+        wave = nn.functional.pad(wave, (0, length - wave.shape[-1]))
+    return wave
+
+
+def quantize_int16(wave: Tensor) -> Tensor:
+    """Round-trip through 16-bit PCM as LAION-CLAP does before embedding: clip to ±1, truncate."""
+    return (wave.clamp(-1.0, 1.0) * 32767.0).to(torch.int16).float() / 32767.0
+
+
 class ClapModel(nn.Module):
-    """The parts of LAION-CLAP this project runs: text tower, projections, temperatures.
+    """LAION-CLAP for scoring: audio tower, text tower, projections, temperatures.
 
     Args:
-        checkpoint: a ``630k-audioset-best.pt``-style file.
+        checkpoint: a ``630k-audioset-best.pt``-style file (HTS-AT or PANN-14, non-fusion).
         tokenizer: a Hugging Face tokenizer object, or a local directory holding the
             ``roberta-base`` tokenizer files; ``None`` leaves :meth:`embed_text` unusable
             (:meth:`embed_text_ids` still works).
         num_heads: attention heads of the text encoder when not ``hidden / 64``.
+
+    Raises:
+        CheckpointFormatError: the file is not in the published layout (names the keys).
+        NotImplementedError: a feature-fusion checkpoint.
     """
+
+    sample_rate = SAMPLE_RATE
 
     def __init__(self, checkpoint: str | os.PathLike, tokenizer: Any = None, num_heads: int | None = None):
         super().__init__()
         path = require_file(checkpoint, LAYOUT)
         state, self.audio_kind = read_clap_state(path)
+        self.audio_branch = _audio_branch(state, self.audio_kind, path)
+        width = state["audio_projection.0.weight"].shape[1]
+        if width != self.audio_branch_dim:
+            raise CheckpointFormatError(path, LAYOUT, mismatched={"audio_projection.0.weight": (
+                tuple(state["audio_projection.0.weight"].shape),
+                (state["audio_projection.0.weight"].shape[0], self.audio_branch_dim))})
         self.audio_projection = _projection(state, "audio").eval().requires_grad_(False)
         self.text_projection = _projection(state, "text").eval().requires_grad_(False)
         self.register_buffer("logit_scale_a", state["logit_scale_a"].float().reshape(()))
@@ -163,6 +255,12 @@ class ClapModel(nn.Module):
         self.name = f"laion-clap-{self.audio_kind}"
         self.weights_sha256 = sha256_file(path)
         self.dim = self.audio_projection[2].out_features
+
+    @property
+    def audio_branch_dim(self) -> int:
+        """Width of the audio encoder's embedding (768 for HTS-AT tiny, 2048 for Cnn14)."""
+        branch = self.audio_branch
+        return branch.config.num_features if isinstance(branch, HTSAT) else branch.dim
 
     @torch.no_grad()
     def embed_text_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -186,8 +284,47 @@ class ClapModel(nn.Module):
         """Audio-encoder outputs (B, 768 for HTS-AT tiny) → unit-norm joint embeddings (B, 512)."""
         return nn.functional.normalize(self.audio_projection(features), dim=-1)
 
-    def embed_audio(self, wave: Tensor, sample_rate: int | None = None) -> Tensor:
-        """Not implemented: the HTS-AT audio encoder is not rebuilt here (see the module docstring)."""
-        raise NotImplementedError(
-            f"{self.name}: the {self.audio_kind} audio encoder of LAION-CLAP is not implemented in "
-            "lafma; compute its 'embedding' output with the reference code and pass it to project_audio()")
+    def prepare_audio(self, wave: Tensor | Sequence[Tensor], sample_rate: int | None = None,
+                      generator: torch.Generator | None = None, quantize: bool = True) -> Tensor:
+        """Waveforms → the encoder's input (B, 480000): 48 kHz, 16-bit, exactly 10 s.
+
+        Args:
+            wave: (B, N), (N,), or a sequence of (N_i,) clips of different lengths.
+            sample_rate: rate of ``wave``; 48 kHz when ``None``. Other rates are resampled
+                with :func:`~lafma.metrics.embedders.base.resample_hq` (librosa's Kaiser filter).
+            generator: picks the 10 s window of clips longer than 10 s.
+            quantize: the 16-bit round trip LAION-CLAP applies to numpy input.
+        """
+        sr = SAMPLE_RATE if sample_rate is None else int(sample_rate)
+        if sr <= 0:
+            raise ValueError(f"{self.name}: sample rate must be positive, got {sr}")
+        if isinstance(wave, Tensor):
+            wave = wave.unsqueeze(0) if wave.dim() == 1 else wave
+            if wave.dim() != 2:
+                raise ValueError(f"{self.name}: expected waveforms (B, N) or (N,), got shape {tuple(wave.shape)}")
+        clips = []
+        for clip in wave:
+            x = torch.as_tensor(clip, dtype=torch.float32, device=self.logit_scale_a.device)
+            if x.dim() != 1 or x.numel() == 0:
+                raise ValueError(f"{self.name}: each clip must be a non-empty (N,) waveform, got {tuple(x.shape)}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{self.name}: waveform contains NaN or Inf")
+            x = resample_hq(x, sr, SAMPLE_RATE)
+            clips.append(fit_clip(quantize_int16(x) if quantize else x, CLIP_SAMPLES, generator))
+        return torch.stack(clips)
+
+    @torch.no_grad()
+    def audio_features(self, wave: Tensor | Sequence[Tensor], sample_rate: int | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+        """The audio encoder's ``embedding`` output before projection: (B, 768) for HTS-AT tiny."""
+        return self.audio_branch(self.prepare_audio(wave, sample_rate, generator))[0]
+
+    @torch.no_grad()
+    def embed_audio(self, wave: Tensor | Sequence[Tensor], sample_rate: int | None = None,
+                    generator: torch.Generator | None = None) -> Tensor:
+        """Waveforms → unit-norm joint embeddings (B, 512), comparable with :meth:`embed_text`.
+
+        See :meth:`prepare_audio` for the arguments; pass a seeded ``generator`` for
+        reproducible scores of clips longer than 10 s.
+        """
+        return self.project_audio(self.audio_features(wave, sample_rate, generator))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from lafma.metrics.embedders.checkpoints import (
 
 _AMIN = 1e-10  # power floor before the dB conversion (torchlibrosa's default)
 _MIN_SECONDS = 2.0  # audioldm_eval zero-pads shorter clips to 2 s before Cnn14
+CNN14_CHANNELS = (64, 128, 256, 512, 1024, 2048)
 
 
 @dataclass(frozen=True)
@@ -123,28 +125,34 @@ class Cnn14(nn.Module):
         preset: front-end settings.
         init_frontend: fill the STFT kernels and mel matrix with their analytic values
             (pointless when a checkpoint will overwrite them, impossible on ``meta``).
+        channels: output widths of the six conv blocks; the last is the embedding width.
+            Published checkpoints all use the default; narrower ones serve tests.
     """
 
-    def __init__(self, preset: Cnn14Preset, init_frontend: bool = True):
+    def __init__(self, preset: Cnn14Preset, init_frontend: bool = True,
+                 channels: Sequence[int] = CNN14_CHANNELS):
         super().__init__()
         p = preset
+        if len(channels) != 6:
+            raise ValueError(f"Cnn14 has six conv blocks, got {len(channels)} widths")
         self.spectrogram_extractor = _Spectrogram(p.window_size, p.hop_size, init_frontend)
         self.logmel_extractor = _LogMel(p.sample_rate, p.window_size, p.mel_bins, p.fmin, p.fmax,
                                         init_frontend)
         self.bn0 = nn.BatchNorm2d(p.mel_bins)
-        chans = [1, 64, 128, 256, 512, 1024, 2048]
+        chans = [1, *channels]
         for i in range(6):
             self.add_module(f"conv_block{i + 1}", _ConvBlock(chans[i], chans[i + 1]))
-        self.fc1 = nn.Linear(2048, 2048)
-        self.fc_audioset = nn.Linear(2048, p.classes)
+        self.dim = chans[-1]
+        self.fc1 = nn.Linear(self.dim, self.dim)
+        self.fc_audioset = nn.Linear(self.dim, p.classes)
 
     def forward(self, wave: Tensor) -> tuple[Tensor, Tensor]:
-        """wave: (B, N) → (embedding (B, 2048), logits (B, classes))."""
+        """wave: (B, N) → (embedding (B, dim), logits (B, classes)); dim = 2048 when published."""
         x = self.logmel_extractor(self.spectrogram_extractor(wave))  # (B, 1, T, M)
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # normalise per mel bin
         for i in range(6):
             x = getattr(self, f"conv_block{i + 1}")(x, pool=2 if i < 5 else 1)
-        x = x.mean(dim=3)  # (B, 2048, T') average over frequency
+        x = x.mean(dim=3)  # (B, dim, T') average over frequency
         x = x.amax(dim=2) + x.mean(dim=2)  # max + mean over time, as PANNs pools
         emb = torch.relu(self.fc1(x))
         return emb, self.fc_audioset(emb)
