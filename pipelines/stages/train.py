@@ -210,9 +210,8 @@ class TrainLFMStage(_TrainStage):
                 **_model_section(ctx.cfg, "unet", "flow", "train_lfm"), "scale_factor": ctx.cfg.vae.scale_factor}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
-        from pipelines.train.launch import train_job
-
         from pipelines.core.stage import read_marker
+        from pipelines.train.launch import train_job
 
         cfg = resolve_scale_factor(ctx.cfg, read_marker(ctx.outputs["latents"]) or {})
         null = empty_caption_embedding(ctx.outputs["text"])
