@@ -26,8 +26,12 @@ def init_ray(compute: ComputeConfig) -> None:
     job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-             logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False
-             if address is None else None)
+    # A local cluster gets its dashboard (on 127.0.0.1 only): Ray Train's placement-group
+    # cleaner queries the state API it serves, and warns every few seconds without it.
+    local = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
+    info = ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                    logging_level=logging.WARNING, log_to_driver=True, **local)
+    if address is None and getattr(info, "dashboard_url", None):
+        print(f"[ray] local cluster; dashboard at http://{info.dashboard_url}", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("LAFMA_PROGRESS", "1") == "1"

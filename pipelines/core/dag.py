@@ -180,6 +180,14 @@ def format_summary(reports: Sequence[StageReport]) -> str:
             lines.append(" " * 14 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
         if "model_version" in i and r.name == "package":
             lines.append(" " * 14 + f"registered {i.get('model_uri')} ({i.get('gate_metric')} = {i.get('gate_value', 0):.5g})")
+        if r.name == "evaluate" and "metrics" in i:
+            m = i["metrics"]
+            attrs = [f"{k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.startswith("attr/") and k.endswith("/accuracy")]
+            lines.append(" " * 14 + f"{i.get('embedder', {}).get('embedder', '')}: FD {m.get('eval/fd', float('nan')):.4g} "
+                         f"(real vs real {m.get('ref/real_vs_real/fd', float('nan')):.4g}, same-size generated "
+                         f"{m.get('eval/fd_half', float('nan')):.4g}), text-audio {m.get('eval/text_audio', float('nan')):.3f}")
+            if attrs:
+                lines.append(" " * 14 + "attribute accuracy on held-out captions: " + ", ".join(attrs))
         if r.name == "promote" and "promoted" in i:
             lines.append(" " * 14 + ("champion -> v" if i["promoted"] else "champion stays; v") + f"{i['model_version']}: {i['reason']}")
         if "audio_dir" in i:
