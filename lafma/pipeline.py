@@ -81,6 +81,20 @@ class LafmaPipeline(nn.Module):
         out = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(out).to(self.device)
 
+    def _vocode(self, mel: Tensor, seeds: Sequence[int]) -> Tensor:
+        """mel (B, n_mels, T) → (B, T · hop). A stochastic vocoder (Griffin-Lim's random initial
+        phase) runs item by item with the RNG seeded from the item's seed, so its audio too
+        depends on nothing but the caption and the seed."""
+        if not getattr(self.vocoder, "stochastic", False):
+            return self.vocoder(mel)
+        devices = [mel.device] if mel.device.type == "cuda" else []
+        out = []
+        for m, seed in zip(mel, seeds):
+            with torch.random.fork_rng(devices=devices):  # leave the caller's RNG stream alone
+                torch.manual_seed(int(seed))
+                out.append(self.vocoder(m[None])[0])
+        return torch.stack(out)
+
     @torch.no_grad()
     def generate(self, captions: Sequence[str], *, seeds: Sequence[int] | None = None, steps: int | None = None,
                  guidance: float | None = None, solver: str | None = None,
@@ -118,7 +132,7 @@ class LafmaPipeline(nn.Module):
         sol = solve(velocity, x0, method=solver, steps=steps, rtol=self.rtol, atol=self.atol,
                     context=context, context_mask=mask)
         mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
-        audio = self.vocoder(mel)[:, : round(duration * self.sample_rate)]  # (B, N)
+        audio = self._vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:
             # The paper peak-normalises its outputs; the floor keeps silence silent.
             peak = audio.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)

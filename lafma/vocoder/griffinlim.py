@@ -78,6 +78,10 @@ class GriffinLimVocoder(nn.Module):
             spec = (spec * (fb.T @ ratio) / weight).clamp_min(_TINY)
         return spec
 
+    # Its output depends on the RNG (the initial phase): callers that promise reproducible
+    # audio seed each item (see LafmaPipeline).
+    stochastic = True
+
     @torch.no_grad()
     def forward(self, mel: Tensor) -> Tensor:
         """Vocode.
