@@ -195,7 +195,9 @@ def log_generations(ctx: StageContext, out_dir: str, limit: int = 8) -> None:
     logger = RunLogger(ctx.run_ids.get("generate"), tracking=None)
     if not logger.enabled:
         return
-    manifest = storage.read_parquet_file(storage.join(out_dir, "manifest.parquet")).to_pylist()[:limit]
+    manifest = storage.read_parquet_file(storage.join(out_dir, "manifest.parquet")).to_pylist()
+    # In caption order (held-out and training captions alternate), not in id order.
+    manifest = sorted(manifest, key=lambda r: r["id"].rsplit("-", 1)[-1])[:limit]
     mel = MelSpectrogram.from_config(ctx.cfg.mel)
     panels = []
     for r in manifest:

@@ -62,4 +62,6 @@ def test_selection():
     from pipelines.stages import STAGES
 
     assert with_needs(STAGES, "train_vocoder") == ["ingest", "audio", "train_vocoder"]
-    assert with_needs(STAGES, "train_lfm") == [s.name for s in STAGES]
+    assert with_needs(STAGES, "train_lfm") == [s.name for s in STAGES][: [s.name for s in STAGES].index("train_lfm") + 1]
+    assert with_needs(STAGES, "promote") == [s.name for s in STAGES if s.name != "generate"]
+    assert with_needs(STAGES, "generate") == [s.name for s in STAGES if s.name not in ("evaluate", "promote")]
