@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lafma.config import LafmaConfig
-from lafma.data.captions import derive_seed
+from lafma.data.captions import derive_seed, safe_name
 from lafma.metrics import (
     attribute_accuracy,
     fit_attribute_classifiers,
@@ -32,6 +32,7 @@ from pipelines.stages.text import caption_key
 
 HELD_OUT = ("test", "validation")
 EMBED_BATCH = 16
+LOGGED_CLIPS = 64  # generated held-out clips whose audio is logged to MLflow
 # Higher is better only for the text-audio score.
 HIGHER_IS_BETTER = {"text_audio"}
 
@@ -233,12 +234,16 @@ class EvaluateStage:
             return
         logger.log_metrics(flat, step=0)
         logger.set_tags({f"lafma.{k}": v for k, v in embedder.describe().items()})
+        # The first LOGGED_CLIPS clips' audio goes to MLflow (the table points at it); the
+        # table points every other row at its file in the stage's output.
+        audio = [f"eval/generated/{safe_name(c['id'])}.wav" if i < LOGGED_CLIPS else
+                 storage.join(out_dir, "generated", "wavs", f"{safe_name(c['id'])}.wav") for i, c in enumerate(held)]
         table = pd.DataFrame({"id": [c["id"] for c in held], "caption": [c["caption"] for c in held],
                               "split": [c["split"] for c in held], "text_audio": per_clip_ta.astype(float),
-                              "audio": [f"generated/{c['id']}.wav" for c in held]})
+                              "audio": audio})
         MlflowClient(tracking_uri(ctx.root)).log_table(run_id, table, "eval/clips.json")
-        for c, wav in list(zip(held, gen))[:8]:
-            logger.log_audio(wav, ctx.cfg.mel.sample_rate, f"eval/generated/{c['id']}.wav")
+        for path, wav in list(zip(audio, gen))[:LOGGED_CLIPS]:
+            logger.log_audio(wav, ctx.cfg.mel.sample_rate, path)
         if sweep:
             from matplotlib.figure import Figure
 

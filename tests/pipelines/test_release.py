@@ -75,7 +75,11 @@ def test_evaluate_scores_the_candidate_and_hands_its_metric_to_the_gate(trained)
     run = ev["run_id"]
     assert [x.step for x in client(root).get_metric_history(run, "sweep/fd")] == [1, 2]
     arts = {a.path for a in client(root).list_artifacts(run, "eval")}
-    assert {"eval/clips.json", "eval/steps_sweep.png"} <= arts
+    assert {"eval/clips.json", "eval/steps_sweep.png", "eval/generated"} <= arts
+    table = json.loads(Path(client(root).download_artifacts(run, "eval/clips.json")).read_text())
+    audio = {a.path for a in client(root).list_artifacts(run, "eval/generated")}
+    paths = [row[table["columns"].index("audio")] for row in table["data"]]
+    assert len(paths) == ev["rows"] and set(paths) == audio  # every row's audio, logged beside it
 
 
 def test_demo_generation_left_audio_a_manifest_and_spectrograms_in_mlflow(trained):
