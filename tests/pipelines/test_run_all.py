@@ -68,7 +68,8 @@ def test_a_run_killed_in_the_middle_finishes_on_re_run(ray_local, tmp_path):
     assert all(table[s] == "ran" for s in STAGE_NAMES if s not in before), table
     after = markers(store)
     assert set(after) == set(STAGE_NAMES)
-    assert after["train_vocoder"]["resumed_from"] == 2  # from its checkpoint, not from scratch
+    # From a checkpoint, not from scratch: step 2's, or step 4's if the kill came after that one.
+    assert after["train_vocoder"]["resumed_from"] in (2, 4)
     assert after["generate"]["rows"] == 4
 
 
