@@ -17,6 +17,7 @@ after a crash) and no row appears twice.
 from __future__ import annotations
 
 import io
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ import pyarrow as pa
 
 from lafma.data.captions import GenerationRow, plan_generation, read_caption_records
 from pipelines.core import storage
-from pipelines.core.stage import chunk, rejects_table, run_shards
+from pipelines.core.stage import chunk, pending_shards, rejects_table, run_shards
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("seed", pa.int64()), ("steps", pa.int32()),
@@ -89,9 +90,13 @@ def shards_of(rows: list[GenerationRow], batch_size: int) -> list[list[dict]]:
 
 
 def model_defaults(model: str, root: str) -> dict:
-    """The model's own sampler defaults, read without building it when possible."""
+    """The model's own sampler defaults: from a bundle's manifest without building anything;
+    a registry URI is loaded (its bundle is not local yet)."""
+    from lafma.bundle import MANIFEST, read_manifest
     from pipelines.core.registry import load_pipeline
 
+    if os.path.isfile(os.path.join(model, MANIFEST)):
+        return dict(read_manifest(model)["config"]["sampler"])
     return dict(load_pipeline(model, root=root).defaults)
 
 
@@ -115,8 +120,7 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
                for r in [*unparsed, *rejects]]
     storage.write_parquet(storage.join(out, "rejects", "plan.parquet"), rejects_table(rejects))
     shards = shards_of(rows, s.batch_size)
-    done_parts = {u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(out, "parts"), ".parquet")}
-    todo = [i for i in range(len(shards)) if f"shard-{i:05d}.parquet" not in done_parts]
+    todo = pending_shards(storage.join(out, "parts"), len(shards))
     print(f"[generate] {len(rows)} rows in {len(shards)} shards ({len(shards) - len(todo)} done before), "
           f"{len(rejects)} rejected", flush=True)
     t0 = time.time()

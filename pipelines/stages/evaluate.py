@@ -147,9 +147,9 @@ class EvaluateStage:
         # Text-audio agreement: a contrastive projection fitted on the training clips' real audio.
         train_e = embed(embedder, [c["waveform"] for c in train], sr)[1]
         captions = [c["caption"] for c in train]
-        proj = fit_text_audio_projection(torch.from_numpy(train_e), torch.from_numpy(
-            caption_embeddings(ctx.outputs["text"], captions)), keys=captions, seed=e.seed)
-        held_text = torch.from_numpy(caption_embeddings(ctx.outputs["text"], [c["caption"] for c in held]))
+        text = torch.from_numpy(caption_embeddings(ctx.outputs["text"], captions + [c["caption"] for c in held]))
+        train_text, held_text = text[: len(train)], text[len(train) :]  # one pass over the text table
+        proj = fit_text_audio_projection(torch.from_numpy(train_e), train_text, keys=captions, seed=e.seed)
         per_clip_ta = proj.score(torch.from_numpy(gen_e), held_text).detach().numpy()
         metrics["text_audio"] = float(per_clip_ta.mean())
         refs["real/text_audio"] = float(proj.score(torch.from_numpy(real_e), held_text).detach().mean())

@@ -169,8 +169,8 @@ class GenerateStage:
 
             lines = "".join(json.dumps(r) + "\n" for r in demo_captions(ctx))
             storage.write_bytes(captions, lines.encode())
-        bundle = read_marker(ctx.outputs["package"])["bundle"]
-        model = bundle if not storage.is_remote(bundle) else read_marker(ctx.outputs["package"])["model_uri"]
+        pkg = read_marker(ctx.outputs["package"])
+        model = pkg["bundle"] if not storage.is_remote(pkg["bundle"]) else pkg["model_uri"]
         settings = GenerationSettings(model=model, steps=s.steps, guidance=s.guidance, solver=s.solver,
                                       duration=s.duration, seed=g.seed, batch_size=g.batch_size, actors=g.actors,
                                       actor_cpus=g.actor_cpus, actor_gpus=g.actor_gpus)

@@ -11,8 +11,6 @@ attention, the chunk stacking) written here independently.
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,24 +24,8 @@ from lafma.metrics.embedders.htsat import HTSAT, HTSATConfig, SwinBlock, unstack
 JOINT = 512
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the test machine's two cores are shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def big_dir(tmp_path_factory):
-    """Where the 130 MB published-size file goes: RAM (/dev/shm) when there is one, else tmp."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        with tempfile.TemporaryDirectory(dir=shm) as d:
-            yield Path(d)
-    else:
-        yield tmp_path_factory.mktemp("ckpt")
+# Every test here runs with one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ published layouts

@@ -7,8 +7,6 @@ errors), not the numbers, which need the real reference weights.
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,25 +24,8 @@ from lafma.metrics.embedders import (
 from lafma.metrics.embedders.panns import PRESETS, Cnn14
 from lafma.metrics.embedders.vggish import vggish_mel_matrix
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two OpenMP threads fighting a training job for 2 cores run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def big_dir(tmp_path_factory):
-    """Where the 300 MB reference-sized files go: RAM (/dev/shm) when there is one, else tmp."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        with tempfile.TemporaryDirectory(dir=shm) as d:
-            yield Path(d)
-    else:
-        yield tmp_path_factory.mktemp("ckpt")
+# Every test here runs with one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random(shape, g: torch.Generator, scale: float) -> torch.Tensor:
