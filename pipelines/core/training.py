@@ -230,4 +230,10 @@ def maybe_fail(step: int, fail_at_step: int, attempt_marker_dir: str) -> None:
     if storage.exists(marker):
         return
     storage.write_bytes(marker, b"")
+    # Every rank fails at the same step. Meet first, so every rank's previous report is in its
+    # result queue: Ray Train registers a checkpoint only once all ranks' reports have reached
+    # the controller, and a rank that failed while another was still uploading would lose it
+    # (Ray would then resume from the checkpoint before; correct, but not what a test pins).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     raise RuntimeError(f"injected failure at step {step} on rank {rank} (first attempt)")
