@@ -71,6 +71,10 @@ def test_a_run_killed_in_the_middle_finishes_on_re_run(ray_local, tmp_path):
     # From a checkpoint, not from scratch: step 2's, or step 4's if the kill came after that one.
     assert after["train_vocoder"]["resumed_from"] in (2, 4)
     assert after["generate"]["rows"] == 4
+    # Rank 0's progress lines reach the driver once each (Ray Train's print patch doubled them).
+    lines = (again.stdout + again.stderr).splitlines()
+    steps = [line.split("[train_lfm] step ", 1)[1].split()[0] for line in lines if "[train_lfm] step " in line]
+    assert sorted(steps) == ["2/4", "4/4"], steps
 
 
 def _free_port() -> int:
