@@ -108,6 +108,9 @@ def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={"bundle": bundle_dir},
             registered_model_name=MODEL_NAME, signature=signature(),
+            # Shown in the UI as the request to send; MLflow also loads the logged model and runs
+            # it once on this example (two steps), warning if the artifact cannot serve it.
+            input_example=pd.DataFrame({"caption": ["a dog barks twice"], "seed": [0], "steps": [2]}),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                               "safetensors", "transformers", "torchaudio", "soundfile"])
     version = str(info.registered_model_version)
