@@ -713,6 +713,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    if not Path(path).is_file():
+        raise ConfigError("", f"{path}: no such config file")
     text = Path(path).read_text()
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
@@ -720,9 +722,25 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type[T] = LafmaConfig) -> T:
-    """Load, override and validate a config. ``path=None`` gives the defaults (paper scale)."""
-    data = load_yaml(path) if path is not None else {}
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section: a key ``top`` sets replaces ``base``'s, the rest stay."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = (),
+                cls: type[T] = LafmaConfig) -> T:
+    """Load, override and validate a config. ``path=None`` gives the defaults (paper scale).
+
+    Several paths layer in order, each over the ones before (a model config, then a hardware
+    profile such as ``configs/cluster/gpu8.yaml``); ``overrides`` apply last.
+    """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    data: dict[str, Any] = {}
+    for p in paths:
+        data = merge(data, load_yaml(p))
     apply_overrides(data, overrides)
     cfg = from_dict(cls, data)
     cfg.validate()

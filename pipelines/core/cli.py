@@ -13,14 +13,16 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 
 
 def add_config_args(p: argparse.ArgumentParser, example: str = "storage.root=s3://bucket/lafma") -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default: configs/demo.yaml)")
+    p.add_argument("--config", action="append",
+                   help="YAML config (default: configs/demo.yaml); repeat it to layer another on top, "
+                        "e.g. --config configs/lafma_audiocaps.yaml --config configs/cluster/gpu8.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
 
 def load_or_exit(args: argparse.Namespace) -> LafmaConfig:
     """The validated config, or exit 2 with the offending key named (no traceback)."""
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config or [DEFAULT_CONFIG], args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -89,10 +89,11 @@ def _load_job_config(argv: list[str], prefix: str = ""):
     script, rest = argv[1], argv[2:]
     local = lambda p: REPO / p.removeprefix(prefix).lstrip("/")  # noqa: E731 — image path -> repo path
     assert local(script).is_file(), f"{script} is not a file of the repository"
-    config = rest[rest.index("--config") + 1] if "--config" in rest else "configs/demo.yaml"
-    assert local(config).is_file(), f"{config} is not a file of the repository"
+    configs = [rest[i + 1] for i, a in enumerate(rest) if a == "--config"] or ["configs/demo.yaml"]
+    for config in configs:
+        assert local(config).is_file(), f"{config} is not a file of the repository"
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    return load_config(local(config), overrides)  # raises ConfigError naming a misspelt key
+    return load_config([local(c) for c in configs], overrides)  # raises ConfigError naming a misspelt key
 
 
 # --------------------------------------------------------------------------- every file

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,42 @@ def test_settings_that_would_fail_hours_later_fail_at_load(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert e.value.key == key
+
+
+PROFILES = sorted((Path(__file__).parents[2] / "configs" / "cluster").glob("*.yaml"))
+
+
+def test_configs_layer_section_by_section_and_overrides_come_last(tmp_path):
+    (tmp_path / "model.yaml").write_text("unet:\n  model_channels: 64\n  channel_mult: [1, 2, 4]\n"
+                                         "train_lfm:\n  lr: 3.0e-4\n  steps: 50\n")
+    (tmp_path / "hw.yaml").write_text("unet:\n  channel_mult: [1, 2, 2, 2]\n"
+                                      "train_lfm:\n  num_workers: 4\n  steps: 60\n")
+    cfg = load_config([tmp_path / "model.yaml", tmp_path / "hw.yaml"], ["train_lfm.steps=70"])
+    assert cfg.unet.model_channels == 64 and cfg.unet.channel_mult == (1, 2, 2, 2)  # lists replace, not append
+    assert cfg.train_lfm.lr == 3e-4 and cfg.train_lfm.num_workers == 4
+    assert cfg.train_lfm.steps == 70
+    # The other order: the model file's keys win where both set them.
+    flipped = load_config([tmp_path / "hw.yaml", tmp_path / "model.yaml"], ["unet.attention_resolutions=[2]"])
+    assert flipped.unet.channel_mult == (1, 2, 4) and flipped.train_lfm.steps == 50
+
+
+def test_a_misspelt_key_in_a_layered_file_names_itself(tmp_path):
+    (tmp_path / "hw.yaml").write_text("train_lfm:\n  gpus_per_wroker: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config([CONFIGS[0], tmp_path / "hw.yaml"])
+    assert e.value.key == "train_lfm.gpus_per_wroker"
+    with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
+        load_config([CONFIGS[0], tmp_path / "nope.yaml"])
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
+def test_hardware_profiles_put_the_paper_model_on_gpus_and_change_nothing_else(profile):
+    paper = load_config(Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml")
+    cfg = load_config([Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml", profile])
+    for job in ("train_vae", "train_vocoder", "train_lfm"):
+        assert getattr(cfg, job).gpus_per_worker >= 1
+        assert dataclasses.replace(getattr(cfg, job), num_workers=1, gpus_per_worker=0, cpus_per_worker=1) == \
+            dataclasses.replace(getattr(paper, job), num_workers=1, gpus_per_worker=0, cpus_per_worker=1)
+    assert cfg.compute.text_actor_gpus >= 1 and cfg.generate.actor_gpus >= 1
+    for section in ("mel", "audio", "text", "vae", "vae_loss", "unet", "flow", "sampler", "vocoder", "data"):
+        assert getattr(cfg, section) == getattr(paper, section), section
