@@ -408,7 +408,8 @@ class GenerateConfig:
         _require(self.actors >= 1, f"{prefix}.actors", "must be >= 1")
         _require(self.actor_cpus > 0, f"{prefix}.actor_cpus", "must be positive")
         _require(self.actor_gpus >= 0, f"{prefix}.actor_gpus", "must be >= 0")
-        _require(self.gate_clips >= 1 and self.gate_times >= 1, f"{prefix}.gate_clips", "must be >= 1")
+        _require(self.gate_clips >= 1, f"{prefix}.gate_clips", "must be >= 1")
+        _require(self.gate_times >= 1, f"{prefix}.gate_times", "must be >= 1")
 
 
 @dataclass(frozen=True)

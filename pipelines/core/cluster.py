@@ -28,7 +28,7 @@ def init_ray(compute: ComputeConfig) -> None:
     # Ray Train patches print() in its workers to log through its logger *and*, because Ray has
     # wrapped sys.stdout, print as well: every line reached the driver twice. Plain print.
     if "RAY_TRAIN_ENABLE_PRINT_PATCH" not in job_env:
-        env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"))
+        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
     # A local cluster gets its dashboard (on 127.0.0.1 only): Ray Train's placement-group
     # cleaner queries the state API it serves, and warns every few seconds without it.
