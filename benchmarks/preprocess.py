@@ -22,7 +22,7 @@ import soundfile as sf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lafma.config import load_config  # noqa: E402
+from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.core import storage  # noqa: E402
 from pipelines.core.cluster import init_ray  # noqa: E402
 from pipelines.core.dag import run_dag  # noqa: E402
@@ -56,12 +56,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = make_files(tmp / "in", args.files, args.seconds, args.rate)
-        cfg = load_config(args.config, [f"data.manifest={manifest}", f"storage.root={tmp / 'ray'}",
+        cfg = load_pipeline_config(args.config, [f"data.manifest={manifest}", f"storage.root={tmp / 'ray'}",
                                         "data.long_clips=crop", *args.overrides])
         audio_seconds = args.files * args.seconds
 
         # Plain loop: the very same per-shard function, called in this process, one shard after another.
-        reports = run_dag(load_config(args.config, [f"data.manifest={manifest}", f"storage.root={tmp / 'loop'}",
+        reports = run_dag(load_pipeline_config(args.config, [f"data.manifest={manifest}", f"storage.root={tmp / 'loop'}",
                                                     *args.overrides]), STAGES, only=["ingest"])
         rows = storage.read_parquet_dir(reports[0].path).to_pylist()
 
@@ -83,7 +83,7 @@ def main() -> None:
         init_ray(cfg.compute)
         # Warm-up pass into another root: Ray starts its worker processes and they import torch
         # once, as they would have for any earlier stage of a long-lived cluster.
-        run_dag(load_config(args.config, [f"data.manifest={manifest}", f"storage.root={tmp / 'warm'}",
+        run_dag(load_pipeline_config(args.config, [f"data.manifest={manifest}", f"storage.root={tmp / 'warm'}",
                                           "data.long_clips=crop", *args.overrides]), STAGES, until="audio")
         t0 = time.perf_counter()
         reports = {r.name: r for r in run_dag(cfg, STAGES, until="audio")}

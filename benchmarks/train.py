@@ -50,12 +50,12 @@ def run_job(job: str, config: str, overrides: list[str], steps: int, warmup: int
     import torch
     import torch.distributed as dist
 
-    from lafma.config import load_config
+    from pipelines.config import load_pipeline_config
     from pipelines.train.gan import vae_parts, vae_step, vocoder_parts, vocoder_step
     from pipelines.train.lfm import lfm_step
     from pipelines.train.worker import SECTIONS, _engine
 
-    cfg = load_config(config, overrides)
+    cfg = load_pipeline_config(config, overrides)
     t = getattr(cfg, SECTIONS[job])
     cuda = torch.cuda.is_available()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_PORT", "29511"), RANK="0",

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lafma.config import LafmaConfig, from_dict, to_dict
+from lafma.config import LafmaConfig, from_dict, model_sections, to_dict
 from lafma.models import build_pipeline, build_unet, build_vae, build_vocoder
 from lafma.pipeline import LafmaPipeline
 from lafma.text import build_text_encoder
@@ -98,7 +98,7 @@ def write_bundle(out_dir: str, *, components: Mapping[str, Mapping[str, Any]], w
     missing = [c for c in COMPONENTS if c not in components or c not in weights]
     if missing:
         raise BundleError(f"bundle needs {', '.join(COMPONENTS)}; missing {', '.join(missing)}")
-    cfgs = {c: from_dict(LafmaConfig, components[c]) for c in COMPONENTS}
+    cfgs = {c: from_dict(LafmaConfig, model_sections(components[c])) for c in COMPONENTS}
     mel_hash = cfgs["vae"].mel.config_hash()
     os.makedirs(out_dir, exist_ok=True)
     entries = {}
@@ -160,7 +160,7 @@ def check_bundle(path: str) -> dict:
 def load_bundle(path: str, device: str | torch.device = "cpu") -> LafmaPipeline:
     """The :class:`LafmaPipeline` a bundle describes, on ``device``, after :func:`check_bundle`."""
     manifest = check_bundle(path)
-    base = manifest["config"]
+    base = model_sections(manifest["config"])  # older bundles carried the pipeline's sections too
     built = {}
     for c in COMPONENTS:
         entry = manifest["components"][c]

@@ -16,7 +16,7 @@ from lafma.describe import describe, format_description
 
 
 def _describe(args: argparse.Namespace) -> int:
-    cfg: LafmaConfig = load_config(args.config, args.overrides)
+    cfg: LafmaConfig = load_config(args.config, args.overrides, cls=args.config_cls)
     info = describe(cfg, load_text_encoder=args.load_text_encoder)
     info["config_path"] = args.config
     print(json.dumps(info, indent=2) if args.json else format_description(info))
@@ -40,8 +40,12 @@ def build_parser(extend: Callable[[argparse._SubParsersAction], None] | None = N
 
 
 def main(argv: Sequence[str] | None = None,
-         extend: Callable[[argparse._SubParsersAction], None] | None = None) -> int:
+         extend: Callable[[argparse._SubParsersAction], None] | None = None,
+         config_cls: type[LafmaConfig] = LafmaConfig) -> int:
+    """Run the command line; ``config_cls`` reads ``--config`` (the installed command passes the
+    pipeline's, so a pipeline config with its data and training sections describes its model)."""
     args = build_parser(extend).parse_args(argv)
+    args.config_cls = config_cls
     try:
         return args.func(args)
     except ConfigError as e:

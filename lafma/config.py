@@ -33,7 +33,7 @@ class ConfigError(ValueError):
         self.key = key
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(key, message)
 
@@ -60,14 +60,14 @@ class MelConfig:
     clamp_min: float = 1e-5
 
     def validate(self, prefix: str = "mel") -> None:
-        _require(self.sample_rate > 0, f"{prefix}.sample_rate", "must be positive")
-        _require(self.n_fft > 0, f"{prefix}.n_fft", "must be positive")
-        _require(0 < self.win_length <= self.n_fft, f"{prefix}.win_length", "must be in (0, n_fft]")
-        _require(0 < self.hop_length <= self.win_length, f"{prefix}.hop_length", "must be in (0, win_length]")
-        _require(self.n_mels > 0, f"{prefix}.n_mels", "must be positive")
-        _require(0 <= self.f_min < self.f_max, f"{prefix}.f_min", "must satisfy 0 <= f_min < f_max")
-        _require(self.f_max <= self.sample_rate / 2, f"{prefix}.f_max", "must not exceed the Nyquist frequency")
-        _require(self.clamp_min > 0, f"{prefix}.clamp_min", "must be positive")
+        require(self.sample_rate > 0, f"{prefix}.sample_rate", "must be positive")
+        require(self.n_fft > 0, f"{prefix}.n_fft", "must be positive")
+        require(0 < self.win_length <= self.n_fft, f"{prefix}.win_length", "must be in (0, n_fft]")
+        require(0 < self.hop_length <= self.win_length, f"{prefix}.hop_length", "must be in (0, win_length]")
+        require(self.n_mels > 0, f"{prefix}.n_mels", "must be positive")
+        require(0 <= self.f_min < self.f_max, f"{prefix}.f_min", "must satisfy 0 <= f_min < f_max")
+        require(self.f_max <= self.sample_rate / 2, f"{prefix}.f_max", "must not exceed the Nyquist frequency")
+        require(self.clamp_min > 0, f"{prefix}.clamp_min", "must be positive")
 
     def frames(self, num_samples: int) -> int:
         """Number of mel frames for ``num_samples`` samples (reflect-padded, centre-free STFT)."""
@@ -85,7 +85,7 @@ class AudioConfig:
     clip_seconds: float = 10.24
 
     def validate(self, prefix: str = "audio") -> None:
-        _require(self.clip_seconds > 0, f"{prefix}.clip_seconds", "must be positive")
+        require(self.clip_seconds > 0, f"{prefix}.clip_seconds", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,8 @@ class TextConfig:
     tiny_seed: int = 0
 
     def validate(self, prefix: str = "text") -> None:
-        _require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
-        _require(self.tiny_dim > 0 and self.tiny_layers > 0, f"{prefix}.tiny_dim", "must be positive")
+        require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
+        require(self.tiny_dim > 0 and self.tiny_layers > 0, f"{prefix}.tiny_dim", "must be positive")
 
     @property
     def dim(self) -> int:
@@ -138,12 +138,12 @@ class VAEConfig:
     scale_factor: float = 1.0
 
     def validate(self, prefix: str = "vae") -> None:
-        _require(self.ch > 0 and self.ch % 32 == 0, f"{prefix}.ch", "must be a positive multiple of 32 (GroupNorm)")
-        _require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), f"{prefix}.ch_mult", "must be positive")
-        _require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks", "must be >= 1")
-        _require(self.z_channels > 0, f"{prefix}.z_channels", "must be positive")
-        _require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
-        _require(self.scale_factor >= 0, f"{prefix}.scale_factor", "must be positive, or 0 (measured from the latents)")
+        require(self.ch > 0 and self.ch % 32 == 0, f"{prefix}.ch", "must be a positive multiple of 32 (GroupNorm)")
+        require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), f"{prefix}.ch_mult", "must be positive")
+        require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks", "must be >= 1")
+        require(self.z_channels > 0, f"{prefix}.z_channels", "must be positive")
+        require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
+        require(self.scale_factor >= 0, f"{prefix}.scale_factor", "must be positive, or 0 (measured from the latents)")
 
     @property
     def downsample(self) -> int:
@@ -163,11 +163,11 @@ class VAELossConfig:
     disc_layers: int = 3
 
     def validate(self, prefix: str = "vae_loss") -> None:
-        _require(self.kl_weight >= 0, f"{prefix}.kl_weight", "must be >= 0")
-        _require(self.disc_start >= 0, f"{prefix}.disc_start", "must be >= 0")
-        _require(self.disc_weight >= 0, f"{prefix}.disc_weight", "must be >= 0")
-        _require(self.disc_ndf > 0, f"{prefix}.disc_ndf", "must be positive")
-        _require(self.disc_layers >= 1, f"{prefix}.disc_layers", "must be >= 1")
+        require(self.kl_weight >= 0, f"{prefix}.kl_weight", "must be >= 0")
+        require(self.disc_start >= 0, f"{prefix}.disc_start", "must be >= 0")
+        require(self.disc_weight >= 0, f"{prefix}.disc_weight", "must be >= 0")
+        require(self.disc_ndf > 0, f"{prefix}.disc_ndf", "must be positive")
+        require(self.disc_layers >= 1, f"{prefix}.disc_layers", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -192,21 +192,21 @@ class UNetConfig:
     extra_attention: bool = False
 
     def validate(self, prefix: str = "unet") -> None:
-        _require(self.model_channels > 0 and self.model_channels % 32 == 0, f"{prefix}.model_channels",
+        require(self.model_channels > 0 and self.model_channels % 32 == 0, f"{prefix}.model_channels",
                  "must be a positive multiple of 32 (GroupNorm)")
-        _require(len(self.channel_mult) >= 1 and all(m > 0 for m in self.channel_mult), f"{prefix}.channel_mult",
+        require(len(self.channel_mult) >= 1 and all(m > 0 for m in self.channel_mult), f"{prefix}.channel_mult",
                  "must be positive")
-        _require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks", "must be >= 1")
-        _require(self.num_head_channels > 0, f"{prefix}.num_head_channels", "must be positive")
+        require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks", "must be >= 1")
+        require(self.num_head_channels > 0, f"{prefix}.num_head_channels", "must be positive")
         for i, ds in enumerate(self.attention_resolutions):
-            _require(ds >= 1 and ds & (ds - 1) == 0 and ds <= 2 ** (len(self.channel_mult) - 1),
+            require(ds >= 1 and ds & (ds - 1) == 0 and ds <= 2 ** (len(self.channel_mult) - 1),
                      f"{prefix}.attention_resolutions[{i}]", f"{ds} is not a downsample factor of this UNet")
         for i, m in enumerate(self.channel_mult):
-            _require((m * self.model_channels) % self.num_head_channels == 0, f"{prefix}.channel_mult[{i}]",
+            require((m * self.model_channels) % self.num_head_channels == 0, f"{prefix}.channel_mult[{i}]",
                      "channels must be divisible by num_head_channels")
-        _require(self.transformer_depth >= 1, f"{prefix}.transformer_depth", "must be >= 1")
-        _require(self.context_dim >= 0, f"{prefix}.context_dim", "must be >= 0")
-        _require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
+        require(self.transformer_depth >= 1, f"{prefix}.transformer_depth", "must be >= 1")
+        require(self.context_dim >= 0, f"{prefix}.context_dim", "must be >= 0")
+        require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
 
     @property
     def downsample(self) -> int:
@@ -226,19 +226,21 @@ class FlowConfig:
     cond_dropout: float = 0.1
 
     def validate(self, prefix: str = "flow") -> None:
-        _require(0 <= self.sigma_min < 1, f"{prefix}.sigma_min", "must be in [0, 1)")
-        _require(self.time_scale > 0, f"{prefix}.time_scale", "must be positive")
-        _require(0 <= self.cond_dropout <= 1, f"{prefix}.cond_dropout", "must be in [0, 1]")
+        require(0 <= self.sigma_min < 1, f"{prefix}.sigma_min", "must be in [0, 1)")
+        require(self.time_scale > 0, f"{prefix}.time_scale", "must be positive")
+        require(0 <= self.cond_dropout <= 1, f"{prefix}.cond_dropout", "must be in [0, 1]")
 
 
-SOLVERS = ("euler", "midpoint", "heun", "rk4", "dopri5")
+# The longest clip anyone can ask for, in seconds: past it a request is a mistake (a
+# duration in samples or milliseconds), not audio.
+MAX_DURATION_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Inference defaults: solver, steps, guidance weight, clip length."""
 
-    solver: Literal["euler", "midpoint", "heun", "rk4", "dopri5"] = "euler"
+    solver: str = "euler"  # a name in lafma.flow.solvers.METHODS
     steps: int = 10
     guidance: float = 3.0
     duration: float = 10.24
@@ -249,10 +251,14 @@ class SamplerConfig:
     peak_normalize: bool = True
 
     def validate(self, prefix: str = "sampler") -> None:
-        _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
-        _require(self.guidance >= 0, f"{prefix}.guidance", "must be >= 0")
-        _require(0 < self.duration <= 600, f"{prefix}.duration", "must be in (0, 600] seconds")
-        _require(self.rtol > 0 and self.atol > 0, f"{prefix}.rtol", "tolerances must be positive")
+        from lafma.flow.solvers import METHODS
+
+        require(self.solver in METHODS, f"{prefix}.solver", f"must be one of {list(METHODS)}, got {self.solver!r}")
+        require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        require(self.guidance >= 0, f"{prefix}.guidance", "must be >= 0")
+        require(0 < self.duration <= MAX_DURATION_SECONDS, f"{prefix}.duration",
+                 f"must be in (0, {MAX_DURATION_SECONDS:g}] seconds")
+        require(self.rtol > 0 and self.atol > 0, f"{prefix}.rtol", "tolerances must be positive")
 
 
 @dataclass(frozen=True)
@@ -277,14 +283,14 @@ class HiFiGANConfig:
     disc_width_mult: float = 1.0
 
     def validate(self, prefix: str = "vocoder") -> None:
-        _require(0 < self.disc_width_mult <= 4, f"{prefix}.disc_width_mult", "must be in (0, 4]")
-        _require(len(self.upsample_rates) == len(self.upsample_kernel_sizes), f"{prefix}.upsample_kernel_sizes",
+        require(0 < self.disc_width_mult <= 4, f"{prefix}.disc_width_mult", "must be in (0, 4]")
+        require(len(self.upsample_rates) == len(self.upsample_kernel_sizes), f"{prefix}.upsample_kernel_sizes",
                  "needs one kernel per upsample rate")
         for i, (r, k) in enumerate(zip(self.upsample_rates, self.upsample_kernel_sizes)):
-            _require(r > 0 and k >= r, f"{prefix}.upsample_kernel_sizes[{i}]", "must be >= its upsample rate")
-        _require(self.upsample_initial_channel >= 2 ** len(self.upsample_rates),
+            require(r > 0 and k >= r, f"{prefix}.upsample_kernel_sizes[{i}]", "must be >= its upsample rate")
+        require(self.upsample_initial_channel >= 2 ** len(self.upsample_rates),
                  f"{prefix}.upsample_initial_channel", "is too small for the number of upsampling stages")
-        _require(len(self.resblock_kernel_sizes) == len(self.resblock_dilation_sizes),
+        require(len(self.resblock_kernel_sizes) == len(self.resblock_dilation_sizes),
                  f"{prefix}.resblock_dilation_sizes", "needs one dilation list per kernel size")
 
     @property
@@ -305,196 +311,7 @@ class HiFiGANLossConfig:
 
     def validate(self, prefix: str = "vocoder_loss") -> None:
         for name in ("lambda_mel", "lambda_feat", "lambda_adv"):
-            _require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where the data comes from and how raw audio becomes clips.
-
-    ``manifest`` empty means: generate the built-in demo corpus (``demo_clips`` clips).
-    """
-
-    dataset: str = ""
-    manifest: str = ""
-    # Layout of the manifest: auto-detected from its columns unless given.
-    layout: Literal["auto", "generic", "audiocaps", "clotho"] = "auto"
-    # Where relative audio paths resolve (default: the manifest's directory).
-    audio_dir: str = ""
-    # AudioCaps rows name a YouTube clip; this is its file name under audio_dir.
-    audiocaps_pattern: str = "{youtube_id}.wav"
-    demo_clips: int = 240
-    demo_seed: int = 0
-    # A file longer than the clip is cropped to its start, or cut into up to max_segments clips.
-    long_clips: Literal["crop", "segment"] = "segment"
-    max_segments: int = 8
-    # Longer than this is not audio we want (a mis-labelled podcast, a corrupt length field).
-    max_seconds: float = 3600.0
-    # A clip whose RMS is below this (dBFS) is silent: rejected.
-    silence_db: float = -70.0
-    # Captions longer than this many characters are truncated, not rejected.
-    max_caption_chars: int = 512
-    # Rows per output shard: the unit of resumption after a crash.
-    shard_size: int = 64
-
-    def validate(self, prefix: str = "data") -> None:
-        _require(self.demo_clips >= 0, f"{prefix}.demo_clips", "must be >= 0")
-        _require(self.max_segments >= 1, f"{prefix}.max_segments", "must be >= 1")
-        _require(self.max_seconds > 0, f"{prefix}.max_seconds", "must be positive")
-        _require(self.silence_db < 0, f"{prefix}.silence_db", "must be negative (dBFS)")
-        _require(self.max_caption_chars > 0, f"{prefix}.max_caption_chars", "must be positive")
-        _require(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")
-        _require("/" not in self.dataset and ".." not in self.dataset, f"{prefix}.dataset",
-                 "must be a plain name")
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """One root for everything the pipeline writes: a local path or ``s3://bucket/prefix``.
-
-    Credentials (and a custom endpoint, ``AWS_ENDPOINT_URL``) come from the environment,
-    never from configs.
-    """
-
-    root: str = ".lafma"
-
-    def validate(self, prefix: str = "storage") -> None:
-        _require(bool(self.root), f"{prefix}.root", "must not be empty")
-
-
-@dataclass(frozen=True)
-class ComputeConfig:
-    """Ray resources. Fractional CPUs let a 2-core machine run readers and actors together."""
-
-    # "" starts (or joins, under `ray job submit`) the local/default cluster.
-    ray_address: str = ""
-    # Audio tasks are CPU-bound and single-threaded: one per core beats two per core.
-    audio_task_cpus: float = 1.0
-    text_actors: int = 1
-    text_actor_cpus: float = 0.5
-    text_actor_gpus: float = 0.0
-    text_batch_size: int = 32
-
-    def validate(self, prefix: str = "compute") -> None:
-        _require(self.audio_task_cpus > 0, f"{prefix}.audio_task_cpus", "must be positive")
-        _require(self.text_actors >= 1, f"{prefix}.text_actors", "must be >= 1")
-        _require(self.text_actor_cpus > 0, f"{prefix}.text_actor_cpus", "must be positive")
-        _require(self.text_actor_gpus >= 0, f"{prefix}.text_actor_gpus", "must be >= 0")
-        _require(self.text_batch_size >= 1, f"{prefix}.text_batch_size", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Generation after training (the DAG's ``generate`` stage) and its gate.
-
-    ``captions`` empty: the dataset's held-out captions (test split), ``max_captions`` of them.
-    """
-
-    captions: str = ""
-    max_captions: int = 16
-    seed: int = 0
-    batch_size: int = 8
-    actors: int = 1
-    actor_cpus: float = 1.0
-    actor_gpus: float = 0.0
-    # Held-out clips the package stage scores the flow-matching loss on (the gate metric
-    # until an evaluation stage provides better ones), and the t values it averages over.
-    gate_clips: int = 64
-    gate_times: int = 8
-
-    def validate(self, prefix: str = "generate") -> None:
-        _require(self.max_captions >= 1, f"{prefix}.max_captions", "must be >= 1")
-        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
-        _require(self.actors >= 1, f"{prefix}.actors", "must be >= 1")
-        _require(self.actor_cpus > 0, f"{prefix}.actor_cpus", "must be positive")
-        _require(self.actor_gpus >= 0, f"{prefix}.actor_gpus", "must be >= 0")
-        _require(self.gate_clips >= 1, f"{prefix}.gate_clips", "must be >= 1")
-        _require(self.gate_times >= 1, f"{prefix}.gate_times", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """The ``evaluate`` stage: generated held-out captions against held-out real audio.
-
-    ``embedder: aisfx`` works offline (weights inside the ``aisfx`` wheel, this project's own
-    scale); ``panns_cnn14_16k`` and ``vggish`` are the literature's protocol and need the
-    published checkpoint files (``embedder_weights``, and ``vggish_pca`` for VGGish).
-    """
-
-    embedder: Literal["aisfx", "panns_cnn14_16k", "panns_cnn14_32k", "vggish"] = "aisfx"
-    embedder_weights: str = ""
-    vggish_pca: str = ""
-    # Held-out clips (test and validation splits) scored, first by id.
-    max_clips: int = 256
-    # What the promotion gate compares: fd (lower is better), kl (lower), text_audio (higher).
-    gate_metric: Literal["fd", "kl", "text_audio"] = "fd"
-    # Also generate at each of these step counts and log quality and time against steps.
-    sweep_steps: tuple[int, ...] = ()
-    seed: int = 0
-
-    def validate(self, prefix: str = "evaluate") -> None:
-        _require(self.max_clips >= 4, f"{prefix}.max_clips", "must be >= 4 (two halves of two clips for real vs real)")
-        _require(self.embedder == "aisfx" or bool(self.embedder_weights), f"{prefix}.embedder_weights",
-                 f"is required for embedder {self.embedder!r} (a local checkpoint file)")
-        _require(all(s >= 1 for s in self.sweep_steps), f"{prefix}.sweep_steps", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training job: optimisation, distribution and bookkeeping.
-
-    ``steps`` counts micro-batches; the optimiser updates every ``grad_accum`` of them.
-    ``fail_at_step`` makes the first attempt of the job raise at that step, to prove that a
-    restarted worker group resumes from its last checkpoint (-1: off).
-    """
-
-    steps: int = 1000
-    batch_size: int = 8  # per worker, per micro-step
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    decay: Literal["constant", "linear", "cosine"] = "constant"
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    zero_stage: int = 2
-    # "auto": bf16 on GPU, fp32 on CPU.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_failures: int = 1
-    checkpoint_every: int = 500
-    log_every: int = 10
-    sample_every: int = 500
-    # Frames of mel per training example (random crop); 0 = the whole clip.
-    crop_frames: int = 0
-    # The discriminator's own learning rate (GAN jobs); 0 = lr.
-    disc_lr: float = 0.0
-    ema_decay: float = 0.9999
-    seed: int = 0
-    fail_at_step: int = -1
-
-    def validate(self, prefix: str = "train") -> None:
-        _require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
-        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
-        _require(self.lr > 0, f"{prefix}.lr", "must be positive")
-        _require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
-        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
-        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
-        _require(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
-        # ZeRO-3 partitions the weights themselves; the jobs read whole weights (EMA, export,
-        # samples) and would need gathering first.
-        _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", "must be 0, 1 or 2 (ZeRO-3 is not supported yet)")
-        _require(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
-        _require(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be positive")
-        _require(self.gpus_per_worker >= 0, f"{prefix}.gpus_per_worker", "must be >= 0")
-        _require(self.max_failures >= 0, f"{prefix}.max_failures", "must be >= 0")
-        _require(self.checkpoint_every >= 1, f"{prefix}.checkpoint_every", "must be >= 1")
-        _require(self.log_every >= 1 and self.sample_every >= 1, f"{prefix}.log_every", "must be >= 1")
-        _require(self.crop_frames >= 0, f"{prefix}.crop_frames", "must be >= 0")
-        _require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
-        _require(self.fail_at_step >= -1, f"{prefix}.fail_at_step", "must be >= -1 (-1: off)")
+            require(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
 
 
 # --------------------------------------------------------------------------- top level
@@ -502,7 +319,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LafmaConfig:
-    """Everything that defines a LAFMA model. Later stages add their own sections."""
+    """Everything that defines a LAFMA model: what it is built from and how it samples.
+
+    How it is trained, on what data and on which machines is the pipeline's business
+    (``pipelines.config.PipelineConfig`` extends this with those sections).
+    """
 
     name: str = "lafma"
     mel: MelConfig = field(default_factory=MelConfig)
@@ -515,37 +336,25 @@ class LafmaConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     vocoder: HiFiGANConfig = field(default_factory=HiFiGANConfig)
     vocoder_loss: HiFiGANLossConfig = field(default_factory=HiFiGANLossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    compute: ComputeConfig = field(default_factory=ComputeConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    # The paper: VAE Adam 1e-5, betas (0.5, 0.9); HiFi-GAN AdamW 2e-4, (0.8, 0.99); LFM Adam 1e-4.
-    train_vae: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, betas=(0.5, 0.9), crop_frames=1024))
-    train_vocoder: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=2e-4, betas=(0.8, 0.99), weight_decay=0.01, crop_frames=32, batch_size=16))
-    train_lfm: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=1000))
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if hasattr(value, "validate"):
                 value.validate(f.name)
-        _require(self.vocoder.hop == self.mel.hop_length, "vocoder.upsample_rates",
+        require(self.vocoder.hop == self.mel.hop_length, "vocoder.upsample_rates",
                  f"product {self.vocoder.hop} must equal mel.hop_length {self.mel.hop_length}")
-        _require(self.vae.in_channels == 1, "vae.in_channels", "the mel VAE takes one channel")
-        _require(self.unet.in_channels == self.vae.z_channels, "unet.in_channels",
+        require(self.vae.in_channels == 1, "vae.in_channels", "the mel VAE takes one channel")
+        require(self.unet.in_channels == self.vae.z_channels, "unet.in_channels",
                  f"must equal vae.z_channels ({self.vae.z_channels})")
-        _require(self.unet.out_channels == self.vae.z_channels, "unet.out_channels",
+        require(self.unet.out_channels == self.vae.z_channels, "unet.out_channels",
                  f"must equal vae.z_channels ({self.vae.z_channels})")
-        _require(self.mel.n_mels % (self.vae.downsample * self.unet.downsample) == 0, "mel.n_mels",
+        require(self.mel.n_mels % (self.vae.downsample * self.unet.downsample) == 0, "mel.n_mels",
                  "must be divisible by the VAE and UNet downsampling together")
         multiple = self.vae.downsample * self.unet.downsample
-        _require(self.mel_shape()[0] % multiple == 0, "audio.clip_seconds",
+        require(self.mel_shape()[0] % multiple == 0, "audio.clip_seconds",
                  f"gives {self.mel_shape()[0]} mel frames; the VAE and UNet need a multiple of {multiple} "
                  f"(e.g. {multiple * self.mel.hop_length / self.mel.sample_rate:g} s steps)")
-        _require(self.train_vae.crop_frames % self.vae.downsample == 0, "train_vae.crop_frames",
-                 f"must be a multiple of the VAE's downsampling ({self.vae.downsample})")
 
     @property
     def context_dim(self) -> int:
@@ -651,7 +460,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         if dataclasses.is_dataclass(default) and isinstance(v, Mapping):
             # A partial section overrides the field's own default (e.g. train_vae's lr), not
             # the section class's defaults.
-            v = _deep_merge(to_dict(default), v)
+            v = merge(to_dict(default), v)
         kwargs[k] = _convert(hints[k], v, f"{prefix}.{k}" if prefix else k)
     return cls(**kwargs)
 
@@ -660,13 +469,6 @@ def _field_default(f: dataclasses.Field) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None if f.default is dataclasses.MISSING else f.default
-
-
-def _deep_merge(base: dict, update: Mapping) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
-    return out
 
 
 def _similar(a: str, b: str) -> bool:
@@ -723,12 +525,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``, section by section: a key ``top`` sets replaces ``base``'s, the rest stay."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
+
+
+def model_sections(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The sections of a (pipeline) config dict that :class:`LafmaConfig` reads.
+
+    A trained component's ``config.json`` records the whole pipeline config it was trained
+    with; rebuilding the model needs only its own sections.
+    """
+    names = {f.name for f in dataclasses.fields(LafmaConfig)}
+    return {k: v for k, v in data.items() if k in names}
 
 
 def load_config(path: str | Path | Sequence[str | Path] | None = None, overrides: Sequence[str] = (),

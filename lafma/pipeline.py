@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lafma.config import MAX_DURATION_SECONDS
 from lafma.flow import ClassifierFreeGuidance, solve
 
 
@@ -119,8 +120,8 @@ class LafmaPipeline(nn.Module):
         guidance = self.defaults["guidance"] if guidance is None else guidance
         solver = solver or self.defaults["solver"]
         duration = duration or self.defaults["duration"]
-        if not 0 < duration <= 600:
-            raise ValueError(f"duration must be in (0, 600] seconds, got {duration}")
+        if not 0 < duration <= MAX_DURATION_SECONDS:
+            raise ValueError(f"duration must be in (0, {MAX_DURATION_SECONDS:g}] seconds, got {duration}")
 
         context, mask = self.text_encoder(captions)
         context, mask = context.to(self.device), mask.to(self.device)

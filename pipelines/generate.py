@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-from lafma.config import StorageConfig  # noqa: E402
+from lafma.flow.solvers import METHODS  # noqa: E402
+from pipelines.config import StorageConfig  # noqa: E402
 from pipelines.core import storage  # noqa: E402
 from pipelines.generation import GenerationSettings, run_generation  # noqa: E402
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="storage root whose MLflow store resolves models:/ URIs (default: .lafma)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance weight (default: the model's)")
-    p.add_argument("--solver", default=None, help="euler, midpoint, heun, rk4 or dopri5 (default: the model's)")
+    p.add_argument("--solver", default=None, choices=METHODS, help="ODE solver (default: the model's)")
     p.add_argument("--duration", type=float, default=None, help="seconds per clip (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="job seed: rows without a seed get one from it and their id")
     p.add_argument("--batch-size", type=int, default=8, help="clips per model call (and per resumable shard)")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from lafma.config import ComputeConfig
+    from pipelines.config import ComputeConfig
     from pipelines.core.cluster import init_ray
 
     root = storage.absolute(args.root)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from lafma import cli as lafma_cli
+from lafma.flow.solvers import METHODS
 
 DEFAULT_MODEL = "models:/lafma@champion"
 
@@ -56,14 +57,16 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "$MLFLOW_TRACKING_URI wins when set)")
     g.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight")
-    g.add_argument("--solver", default=None, choices=["euler", "midpoint", "heun", "rk4", "dopri5"])
+    g.add_argument("--solver", default=None, choices=METHODS)
     g.add_argument("--duration", type=float, default=None, help="seconds (default: the model's)")
     g.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
     g.set_defaults(func=_generate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return lafma_cli.main(argv, extend=add_generate)
+    from pipelines.config import PipelineConfig
+
+    return lafma_cli.main(argv, extend=add_generate, config_cls=PipelineConfig)
 
 
 if __name__ == "__main__":

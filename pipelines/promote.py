@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-from lafma.config import StorageConfig  # noqa: E402
+from pipelines.config import StorageConfig  # noqa: E402
 from pipelines.core import registry, storage, tracking  # noqa: E402
 
 

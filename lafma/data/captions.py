@@ -17,10 +17,10 @@ from typing import Any
 
 import fsspec
 
+from lafma.config import MAX_DURATION_SECONDS
 from lafma.data.manifest import clean_caption, read_records
 from lafma.flow import METHODS as SOLVERS
 
-MAX_DURATION = 600.0  # seconds; the pipeline refuses more
 MAX_STEPS = 1000
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -127,8 +127,8 @@ def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int,
             reject("bad_setting", str(e))
             continue
         row_solver = str(rec.get("solver") or solver)
-        if not 0 < row_duration <= MAX_DURATION:
-            reject("bad_duration", f"{row_duration} s is outside (0, {MAX_DURATION:g}]")
+        if not 0 < row_duration <= MAX_DURATION_SECONDS:
+            reject("bad_duration", f"{row_duration} s is outside (0, {MAX_DURATION_SECONDS:g}]")
         elif not 1 <= row_steps <= MAX_STEPS:
             reject("bad_steps", f"{row_steps} is outside [1, {MAX_STEPS}]")
         elif row_guidance < 0:

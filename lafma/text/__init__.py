@@ -7,5 +7,6 @@ from lafma.text.encoders import (
     t5_encoder,
     tiny_t5_encoder,
 )
+from lafma.text.tokens import pad_embeddings
 
-__all__ = ["TextEncoder", "build_text_encoder", "minilm_encoder", "t5_encoder", "tiny_t5_encoder"]
+__all__ = ["TextEncoder", "build_text_encoder", "minilm_encoder", "pad_embeddings", "t5_encoder", "tiny_t5_encoder"]

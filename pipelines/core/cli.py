@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from lafma.config import ConfigError, LafmaConfig, load_config
+from lafma.config import ConfigError
+from pipelines.config import PipelineConfig, load_pipeline_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -19,10 +20,10 @@ def add_config_args(p: argparse.ArgumentParser, example: str = "storage.root=s3:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
 
-def load_or_exit(args: argparse.Namespace) -> LafmaConfig:
+def load_or_exit(args: argparse.Namespace) -> PipelineConfig:
     """The validated config, or exit 2 with the offending key named (no traceback)."""
     try:
-        return load_config(args.config or [DEFAULT_CONFIG], args.overrides)
+        return load_pipeline_config(args.config or [DEFAULT_CONFIG], args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

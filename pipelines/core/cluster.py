@@ -8,7 +8,7 @@ import os
 
 import ray
 
-from lafma.config import ComputeConfig
+from pipelines.config import ComputeConfig
 
 # Environment the workers need: S3 credentials and endpoint, and offline hub settings.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",

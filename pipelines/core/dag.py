@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from lafma.config import LafmaConfig, config_hash, to_dict
+from lafma.config import config_hash, to_dict
+from pipelines.config import PipelineConfig
 from pipelines.core import storage, tracking
 from pipelines.core.cluster import init_ray
 from pipelines.core.stage import StageContext, digest, read_marker, write_marker
@@ -23,7 +24,7 @@ class StageReport:
     info: dict = field(default_factory=dict)
 
 
-def dataset_name(cfg: LafmaConfig) -> str:
+def dataset_name(cfg: PipelineConfig) -> str:
     if cfg.data.dataset:
         return cfg.data.dataset
     if not cfg.data.manifest:
@@ -105,7 +106,7 @@ def _numbers(info: dict) -> dict[str, float]:
     return out
 
 
-def run_dag(cfg: LafmaConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
+def run_dag(cfg: PipelineConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
             until: str | None = None) -> list[StageReport]:
     """Run the selected stages in DAG order (see the module docstring); each stage that runs
     gets an MLflow child run under the pipeline's parent run."""

@@ -20,7 +20,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from lafma.config import LafmaConfig, config_hash
+from lafma.config import config_hash
+from pipelines.config import PipelineConfig
 from pipelines.core import storage
 
 MARKER = "_SUCCESS.json"
@@ -30,7 +31,7 @@ MARKER = "_SUCCESS.json"
 class StageContext:
     """What a stage sees: the config, the storage root, and upstream stages' outputs."""
 
-    cfg: LafmaConfig
+    cfg: PipelineConfig
     root: str
     dataset: str
     hashes: dict[str, str] = field(default_factory=dict)

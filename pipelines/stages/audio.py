@@ -15,8 +15,9 @@ import time
 import pyarrow as pa
 
 from lafma.audio import AudioError, MelSpectrogram, load_audio
-from lafma.config import DataConfig, MelConfig
+from lafma.config import MelConfig
 from lafma.data.clips import ClipRejected, cut_clips
+from pipelines.config import DataConfig
 from pipelines.core import storage
 from pipelines.core.stage import (
     StageContext,

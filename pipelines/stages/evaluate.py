@@ -16,7 +16,6 @@ import time
 import numpy as np
 import torch
 
-from lafma.config import LafmaConfig
 from lafma.data.captions import derive_seed, safe_name
 from lafma.metrics import (
     attribute_accuracy,
@@ -26,6 +25,7 @@ from lafma.metrics import (
     inception_score,
     kl_divergence,
 )
+from pipelines.config import PipelineConfig
 from pipelines.core import registry, storage
 from pipelines.core.stage import StageContext, read_marker
 from pipelines.stages.text import caption_key
@@ -70,7 +70,7 @@ def caption_embeddings(text_dir: str, captions: list[str]) -> np.ndarray:
     return np.stack([pooled[caption_key(c)] for c in captions])
 
 
-def build_embedder(cfg: LafmaConfig, root: str):
+def build_embedder(cfg: PipelineConfig, root: str):
     from lafma.metrics.embedders import build_embedder as build
     from lafma.metrics.embedders.aisfx import ensure_aisfx_weights
 

@@ -12,11 +12,11 @@ import pyarrow.compute as pc
 import torch
 
 from lafma.bundle import load_bundle, write_bundle
-from lafma.config import LafmaConfig, from_dict
+from lafma.config import LafmaConfig, from_dict, model_sections
 from lafma.flow import OTPath
+from lafma.text import pad_embeddings
 from pipelines.core import registry, storage
 from pipelines.core.stage import StageContext
-from pipelines.train.lfm import pad_embeddings
 
 GATE_METRIC = "heldout/fm_loss"
 COMPONENT_STAGES = {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
@@ -88,7 +88,7 @@ class PackageStage:
             pipe = load_bundle(bundle)  # proves the bundle loads before anyone can promote it
             rows, split = heldout_rows(ctx.outputs["latents"], ctx.cfg.generate.gate_clips)
             # The LFM's own config: it holds the latent scale it was trained with.
-            value = heldout_fm_loss(pipe.unet, rows, from_dict(LafmaConfig, components["unet"]),
+            value = heldout_fm_loss(pipe.unet, rows, from_dict(LafmaConfig, model_sections(components["unet"])),
                                     times=ctx.cfg.generate.gate_times)
             metric = GATE_METRIC if split != "train" else "train/fm_loss"
             tags = {f"lafma.{k}": v for k, v in lineage.items()}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from lafma.config import LafmaConfig, to_dict
+from lafma.config import to_dict
+from pipelines.config import PipelineConfig
 from pipelines.core import storage
 from pipelines.core.stage import StageContext, arrow_table, rejects_table, run_shards, write_shard
 from pipelines.stages.text import caption_key
@@ -22,7 +23,7 @@ OPERATIONAL = ("steps", "log_every", "sample_every", "checkpoint_every", "max_fa
                "cpus_per_worker")
 
 
-def _model_section(cfg: LafmaConfig, *names: str) -> dict:
+def _model_section(cfg: PipelineConfig, *names: str) -> dict:
     out = {}
     for n in names:
         value = getattr(cfg, n)
@@ -93,11 +94,11 @@ class EncodeLatents:
     def __init__(self, cfg: dict, vae_weights: str, text_dir: str, out_dir: str, batch_size: int = 16):
         import torch
 
-        from lafma.config import LafmaConfig, from_dict
+        from lafma.config import from_dict
         from lafma.models import build_vae
         from pipelines.train.worker import load_safetensors
 
-        self.cfg = from_dict(LafmaConfig, cfg)
+        self.cfg = from_dict(PipelineConfig, cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = build_vae(self.cfg)
         self.vae.load_state_dict(load_safetensors(vae_weights))
@@ -170,7 +171,7 @@ def latent_stats(latents_dir: str) -> dict:
     return {"latent_mean": mu, "latent_std": float(np.sqrt(max(squares / n - mu * mu, 1e-12)))}
 
 
-def resolve_scale_factor(cfg: LafmaConfig, latents_marker: dict) -> LafmaConfig:
+def resolve_scale_factor(cfg: PipelineConfig, latents_marker: dict) -> PipelineConfig:
     """``vae.scale_factor: 0`` → 1 / std of the training latents; any other value is kept."""
     import dataclasses
 

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from lafma.audio import MelSpectrogram
-from lafma.config import LafmaConfig
 from lafma.models import (
     build_vae,
     build_vae_discriminator,
@@ -28,6 +27,7 @@ from lafma.vocoder import (
     loss_weights,
     weighted_sum,
 )
+from pipelines.config import PipelineConfig
 from pipelines.core.tracking import RunLogger, mel_image
 from pipelines.train.data import epochs, random_crop, stack
 
@@ -66,7 +66,7 @@ def gan_update(gen, disc, fake: Tensor, *, disc_losses: Callable[[Tensor], dict]
 class VAEWithLoss(nn.Module):
     """The VAE and its learned output log-variance: one engine optimises both."""
 
-    def __init__(self, cfg: LafmaConfig):
+    def __init__(self, cfg: PipelineConfig):
         super().__init__()
         self.vae = build_vae(cfg)
         self.loss = VAELoss.from_config(cfg.vae_loss)
@@ -75,11 +75,11 @@ class VAEWithLoss(nn.Module):
         return self.vae(mel)
 
 
-def vae_parts(cfg: LafmaConfig) -> tuple[nn.Module, nn.Module]:
+def vae_parts(cfg: PipelineConfig) -> tuple[nn.Module, nn.Module]:
     return VAEWithLoss(cfg), build_vae_discriminator(cfg)
 
 
-def vae_step(cfg: LafmaConfig, gen, disc, shard, generator: torch.Generator | None, device: torch.device):
+def vae_step(cfg: PipelineConfig, gen, disc, shard, generator: torch.Generator | None, device: torch.device):
     """The VAE job's step function and batch stream: random mel crops, ELBO + PatchGAN."""
     t = cfg.train_vae
     frames, n_mels = cfg.mel_shape()
@@ -132,11 +132,11 @@ def vae_step(cfg: LafmaConfig, gen, disc, shard, generator: torch.Generator | No
     return step, batch_iter(), artifacts
 
 
-def vocoder_parts(cfg: LafmaConfig) -> tuple[nn.Module, nn.Module]:
+def vocoder_parts(cfg: PipelineConfig) -> tuple[nn.Module, nn.Module]:
     return build_vocoder(cfg, "hifigan"), build_vocoder_discriminator(cfg)
 
 
-def vocoder_step(cfg: LafmaConfig, gen, disc, shard, generator: torch.Generator | None, device: torch.device):
+def vocoder_step(cfg: PipelineConfig, gen, disc, shard, generator: torch.Generator | None, device: torch.device):
     """The HiFi-GAN job's step function: aligned mel/waveform segments, mel-L1 + LSGAN + FM."""
     t = cfg.train_vocoder
     frames, n_mels = cfg.mel_shape()

@@ -6,7 +6,8 @@ id to the workers, so a restarted worker group keeps logging into the same run.
 
 from __future__ import annotations
 
-from lafma.config import LafmaConfig, TrainConfig, to_dict
+from lafma.config import to_dict
+from pipelines.config import PipelineConfig, TrainConfig
 from pipelines.core import storage, tracking
 from pipelines.core.training import launch
 from pipelines.train.data import parquet_dataset
@@ -16,7 +17,7 @@ COLUMNS = {"vae": ["mel"], "vocoder": ["mel", "waveform"],
            "lfm": ["mean", "logvar", "emb", "length"]}
 
 
-def train_job(cfg: LafmaConfig, job: str, *, root: str, data_dir: str, out_dir: str, stage_hash: str,
+def train_job(cfg: PipelineConfig, job: str, *, root: str, data_dir: str, out_dir: str, stage_hash: str,
               extra: dict | None = None, parent_run_id: str | None = None) -> dict:
     """Train ``job`` (``vae``, ``vocoder`` or ``lfm``) to ``train_<job>.steps`` and export it to ``out_dir``.
 

@@ -6,24 +6,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lafma.config import LafmaConfig
 from lafma.flow import ClassifierFreeGuidance, OTPath, solve
+from lafma.text import pad_embeddings
 from lafma.train import EMA, lfm_loss
+from pipelines.config import PipelineConfig
 from pipelines.core.tracking import RunLogger, mel_image
 from pipelines.train.data import epochs
 
 
-def pad_embeddings(embs, lengths, dim: int) -> tuple[Tensor, Tensor]:
-    """Flat (L_i · D) embeddings → (B, max L, D) zero-padded and the (B, max L) mask."""
-    lengths = [int(n) for n in lengths]
-    out = torch.zeros(len(lengths), max(lengths), dim)
-    for i, (e, n) in enumerate(zip(embs, lengths)):
-        out[i, :n] = torch.from_numpy(np.asarray(e, dtype=np.float32).reshape(n, dim))
-    mask = torch.arange(out.shape[1])[None] < torch.tensor(lengths)[:, None]
-    return out, mask
-
-
-def lfm_step(cfg: LafmaConfig, engine, ema: EMA, shard, generator: torch.Generator | None, device: torch.device,
+def lfm_step(cfg: PipelineConfig, engine, ema: EMA, shard, generator: torch.Generator | None, device: torch.device,
              null: tuple[Tensor, Tensor], decoder=None, vocoder=None):
     """The LFM job's step function, batch stream and artifacts.
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from lafma.config import TrainConfig
+from pipelines.config import TrainConfig
 from pipelines.core.checkpointing import load_checkpoint, save_checkpoint
 from pipelines.core.tracking import RunLogger
 from pipelines.core.training import maybe_fail

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save
 
-from lafma.config import LafmaConfig, TrainConfig, from_dict, to_dict
+from lafma.config import from_dict, to_dict
 from lafma.models import build_unet, build_vae
 from lafma.train import EMA, warmup_decay
+from pipelines.config import PipelineConfig, TrainConfig
 from pipelines.core import storage
 from pipelines.core.tracking import RunLogger, system_metrics
 from pipelines.core.training import deepspeed_config, init_engine
@@ -29,7 +30,7 @@ def _engine(model: torch.nn.Module, t: TrainConfig, lr: float, use_bf16: bool):
     return init_engine(model, opt, sched, ds)
 
 
-def export(state_dict: dict, cfg: LafmaConfig, out_dir: str, name: str) -> None:
+def export(state_dict: dict, cfg: PipelineConfig, out_dir: str, name: str) -> None:
     """``<name>.safetensors`` + ``config.json`` (the whole resolved config, mel hash included)."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items()}
     meta = {"mel_hash": cfg.mel.config_hash(), "component": name}
@@ -46,7 +47,7 @@ def load_safetensors(uri: str) -> dict[str, torch.Tensor]:
 def train_fn(config: dict) -> None:
     import ray.train
 
-    cfg = from_dict(LafmaConfig, config["cfg"])
+    cfg = from_dict(PipelineConfig, config["cfg"])
     job = config["job"]
     t: TrainConfig = getattr(cfg, SECTIONS[job])
     rank = ray.train.get_context().get_world_rank()

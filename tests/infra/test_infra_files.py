@@ -21,7 +21,7 @@ import pytest
 import ray
 import yaml
 
-from lafma.config import load_config
+from pipelines.config import load_pipeline_config
 from pipelines.core.cluster import FORWARDED_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def _load_job_config(argv: list[str], prefix: str = ""):
     for config in configs:
         assert local(config).is_file(), f"{config} is not a file of the repository"
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    return load_config([local(c) for c in configs], overrides)  # raises ConfigError naming a misspelt key
+    return load_pipeline_config([local(c) for c in configs], overrides)  # raises ConfigError naming a misspelt key
 
 
 # --------------------------------------------------------------------------- every file
@@ -354,7 +354,7 @@ def stop(*args, **kwargs):
 
 ray._private.services.canonicalize_bootstrap_address = stop
 ray._private.node.Node = stop
-from lafma.config import ComputeConfig
+from pipelines.config import ComputeConfig
 from pipelines.core.cluster import init_ray
 try:
     init_ray(ComputeConfig())

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from lafma.bundle import BundleError, check_bundle, load_bundle, write_bundle
-from lafma.config import load_config, to_dict
+from lafma.config import to_dict
 from lafma.models import build_pipeline, build_unet, build_vae, build_vocoder
+from pipelines.config import load_pipeline_config
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 BUILD = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}
@@ -19,7 +20,7 @@ BUILD = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}
 
 def export(tmp: Path, overrides=()) -> tuple[dict, dict, dict]:
     """Random-weight components exported as the training jobs export them."""
-    cfg = load_config(CONFIG, list(overrides))
+    cfg = load_pipeline_config(CONFIG, list(overrides))
     torch.manual_seed(0)
     modules, weights = {}, {}
     for name, build in BUILD.items():
@@ -35,7 +36,7 @@ def test_a_bundle_generates_what_its_components_generate(tmp_path):
     manifest = write_bundle(str(tmp_path / "bundle"), components=components, weights=weights, lineage={"run": "x"})
     assert manifest["lineage"] == {"run": "x"} and manifest["text_encoder"]["bundled"] is False  # tiny_t5: rebuilt
     pipe = load_bundle(str(tmp_path / "bundle"))
-    cfg = load_config(CONFIG)
+    cfg = load_pipeline_config(CONFIG)
     direct = build_pipeline(cfg, **modules)
     a = pipe.generate(["a bell rings"], seeds=[3], steps=2).audio
     b = direct.generate(["a bell rings"], seeds=[3], steps=2).audio

@@ -9,7 +9,8 @@ ROOT = Path(__file__).parents[2]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "lafma.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    """The installed `lafma` command (pipelines.lafma_cli: describe reads pipeline configs)."""
+    return subprocess.run([sys.executable, "-m", "pipelines.lafma_cli", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_describe_paper_config_json():

@@ -3,7 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from lafma.config import ConfigError, LafmaConfig, MelConfig, from_dict, load_config, to_dict
+from lafma.config import (
+    ConfigError,
+    LafmaConfig,
+    MelConfig,
+    from_dict,
+    load_config,
+    model_sections,
+    to_dict,
+)
+from pipelines.config import PipelineConfig, load_pipeline_config
 
 CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 
@@ -20,13 +29,16 @@ def test_configs_are_shipped():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, LafmaConfig)
-    assert from_dict(LafmaConfig, to_dict(cfg)) == cfg
+    cfg = load_pipeline_config(path)
+    assert isinstance(cfg, PipelineConfig) and isinstance(cfg, LafmaConfig)
+    assert from_dict(PipelineConfig, to_dict(cfg)) == cfg
+    # The model alone, as a bundle stores it, rebuilds the same model sections.
+    model = from_dict(LafmaConfig, model_sections(to_dict(cfg)))
+    assert all(getattr(model, f.name) == getattr(cfg, f.name) for f in dataclasses.fields(LafmaConfig))
 
 
 def test_paper_config_shapes():
-    cfg = load_config(Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml")
+    cfg = load_pipeline_config(Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml")
     assert cfg.mel_shape() == (1024, 64)
     assert cfg.latent_shape() == (8, 256, 16)
     assert cfg.context_dim == 1024
@@ -86,17 +98,17 @@ def test_mel_hash_is_stable_and_sensitive():
 
 
 def test_a_partial_section_keeps_the_fields_own_defaults(tmp_path):
-    cfg = load_config(write(tmp_path, "train_vae:\n  steps: 7\n"))
+    cfg = load_pipeline_config(write(tmp_path, "train_vae:\n  steps: 7\n"))
     assert cfg.train_vae.steps == 7
     assert cfg.train_vae.lr == 1e-5 and cfg.train_vae.betas == (0.5, 0.9)  # the VAE's, not TrainConfig's
-    assert load_config(None, ["train_vocoder.batch_size=3"]).train_vocoder.lr == 2e-4
+    assert load_pipeline_config(None, ["train_vocoder.batch_size=3"]).train_vocoder.lr == 2e-4
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
-    assert load_config(write(tmp_path, "train_lfm:\n  lr: 3e-4\n")).train_lfm.lr == 3e-4
-    assert load_config(None, ["flow.sigma_min=1e-4"]).flow.sigma_min == 1e-4
+    assert load_pipeline_config(write(tmp_path, "train_lfm:\n  lr: 3e-4\n")).train_lfm.lr == 3e-4
+    assert load_pipeline_config(None, ["flow.sigma_min=1e-4"]).flow.sigma_min == 1e-4
     with pytest.raises(ConfigError):
-        load_config(None, ["flow.sigma_min=small"])
+        load_pipeline_config(None, ["flow.sigma_min=small"])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -106,7 +118,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
 ])
 def test_settings_that_would_fail_hours_later_fail_at_load(override, key):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
+        load_pipeline_config(None, [override])
     assert e.value.key == key
 
 
@@ -118,28 +130,28 @@ def test_configs_layer_section_by_section_and_overrides_come_last(tmp_path):
                                          "train_lfm:\n  lr: 3.0e-4\n  steps: 50\n")
     (tmp_path / "hw.yaml").write_text("unet:\n  channel_mult: [1, 2, 2, 2]\n"
                                       "train_lfm:\n  num_workers: 4\n  steps: 60\n")
-    cfg = load_config([tmp_path / "model.yaml", tmp_path / "hw.yaml"], ["train_lfm.steps=70"])
+    cfg = load_pipeline_config([tmp_path / "model.yaml", tmp_path / "hw.yaml"], ["train_lfm.steps=70"])
     assert cfg.unet.model_channels == 64 and cfg.unet.channel_mult == (1, 2, 2, 2)  # lists replace, not append
     assert cfg.train_lfm.lr == 3e-4 and cfg.train_lfm.num_workers == 4
     assert cfg.train_lfm.steps == 70
     # The other order: the model file's keys win where both set them.
-    flipped = load_config([tmp_path / "hw.yaml", tmp_path / "model.yaml"], ["unet.attention_resolutions=[2]"])
+    flipped = load_pipeline_config([tmp_path / "hw.yaml", tmp_path / "model.yaml"], ["unet.attention_resolutions=[2]"])
     assert flipped.unet.channel_mult == (1, 2, 4) and flipped.train_lfm.steps == 50
 
 
 def test_a_misspelt_key_in_a_layered_file_names_itself(tmp_path):
     (tmp_path / "hw.yaml").write_text("train_lfm:\n  gpus_per_wroker: 1\n")
     with pytest.raises(ConfigError) as e:
-        load_config([CONFIGS[0], tmp_path / "hw.yaml"])
+        load_pipeline_config([CONFIGS[0], tmp_path / "hw.yaml"])
     assert e.value.key == "train_lfm.gpus_per_wroker"
     with pytest.raises(ConfigError, match="nope.yaml: no such config file"):
-        load_config([CONFIGS[0], tmp_path / "nope.yaml"])
+        load_pipeline_config([CONFIGS[0], tmp_path / "nope.yaml"])
 
 
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.name)
 def test_hardware_profiles_put_the_paper_model_on_gpus_and_change_nothing_else(profile):
-    paper = load_config(Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml")
-    cfg = load_config([Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml", profile])
+    paper = load_pipeline_config(Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml")
+    cfg = load_pipeline_config([Path(__file__).parents[2] / "configs" / "lafma_audiocaps.yaml", profile])
     for job in ("train_vae", "train_vocoder", "train_lfm"):
         assert getattr(cfg, job).gpus_per_worker >= 1
         assert dataclasses.replace(getattr(cfg, job), num_workers=1, gpus_per_worker=0, cpus_per_worker=1) == \
@@ -147,3 +159,11 @@ def test_hardware_profiles_put_the_paper_model_on_gpus_and_change_nothing_else(p
     assert cfg.compute.text_actor_gpus >= 1 and cfg.generate.actor_gpus >= 1
     for section in ("mel", "audio", "text", "vae", "vae_loss", "unet", "flow", "sampler", "vocoder", "data"):
         assert getattr(cfg, section) == getattr(paper, section), section
+
+
+def test_the_model_config_knows_no_pipeline_section(tmp_path):
+    """lafma/ holds the model; training, data and machines are the pipeline's (and named as such)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train_lfm:\n  steps: 7\n"))
+    assert e.value.key == "train_lfm"
+    assert load_pipeline_config(write(tmp_path, "train_lfm:\n  steps: 7\n")).train_lfm.steps == 7

@@ -3,15 +3,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from lafma.config import load_config
 from lafma.models import build_pipeline, build_unet
+from pipelines.config import load_pipeline_config
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    cfg = load_config(CONFIG)
+    cfg = load_pipeline_config(CONFIG)
     torch.manual_seed(0)
     unet = build_unet(cfg)
     # Random (not zero-initialised) output layers, so text and noise both shape the audio.
@@ -51,7 +51,7 @@ def test_same_caption_and_seed_give_the_same_audio_whatever_else_is_in_the_batch
 
 def test_griffin_lim_audio_depends_only_on_caption_and_seed():
     """Griffin-Lim starts from a random phase: the pipeline seeds it per item."""
-    cfg = load_config(CONFIG, ["vocoder.kind=griffinlim"])
+    cfg = load_pipeline_config(CONFIG, ["vocoder.kind=griffinlim"])
     torch.manual_seed(0)
     gl = build_pipeline(cfg)
     kw = dict(duration=0.64, steps=2)

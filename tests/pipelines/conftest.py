@@ -50,13 +50,13 @@ def s3_endpoint():
 @pytest.fixture(scope="session")
 def trained(ray_local, tmp_path_factory):
     """The whole DAG once on configs/test.yaml (see dag_run.py): (root, cfg, {stage: report})."""
-    from lafma.config import load_config
+    from pipelines.config import load_pipeline_config
     from pipelines.core.dag import run_dag
     from pipelines.stages import STAGES
     from tests.pipelines.dag_run import CONFIG, overrides
 
     root = tmp_path_factory.mktemp("train")
-    cfg = load_config(CONFIG, overrides(root))
+    cfg = load_pipeline_config(CONFIG, overrides(root))
     reports = {r.name: r for r in run_dag(cfg, STAGES)}
     return root, cfg, reports
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lafma.config import load_config
+from pipelines.config import load_pipeline_config
 from pipelines.core import storage
 from pipelines.core.dag import run_dag, select, with_needs
 
@@ -41,14 +41,14 @@ class User:
 
 def test_more_steps_resume_in_place_and_invalidate_what_depends_on_the_weights(ray_local, tmp_path):
     stages = [Trainer(), User()]
-    first = {r.name: r for r in run_dag(load_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=5"]), stages)}
-    again = {r.name: r for r in run_dag(load_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=5"]), stages)}
+    first = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=5"]), stages)}
+    again = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=5"]), stages)}
     assert [again[n].status for n in ("trainer", "user")] == ["skipped", "skipped"]
-    more = {r.name: r for r in run_dag(load_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=9"]), stages)}
+    more = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=9"]), stages)}
     assert more["trainer"].status == "ran" and more["trainer"].path == first["trainer"].path  # resumed in place
     assert more["user"].status == "ran" and more["user"].path != first["user"].path  # not stale
     assert more["user"].info["saw"] == "9"
-    fewer = {r.name: r for r in run_dag(load_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=3"]), stages)}
+    fewer = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=3"]), stages)}
     assert fewer["trainer"].status == "skipped"  # already past 3 steps
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lafma.config import load_config
+from pipelines.config import load_pipeline_config
 from pipelines.core import storage
 from pipelines.core.dag import run_dag
 from pipelines.stages import STAGES
@@ -24,7 +24,7 @@ CONFIG = ROOT / "configs" / "test.yaml"
 
 
 def config(manifest, root, *extra):
-    return load_config(CONFIG, [f"data.manifest={manifest}", f"storage.root={root}", "data.shard_size=4", *extra])
+    return load_pipeline_config(CONFIG, [f"data.manifest={manifest}", f"storage.root={root}", "data.shard_size=4", *extra])
 
 
 def outputs(reports) -> dict:

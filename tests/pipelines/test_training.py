@@ -11,7 +11,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from lafma.config import load_config
+from pipelines.config import load_pipeline_config
 from pipelines.core import tracking
 from pipelines.core.dag import run_dag
 from pipelines.stages import STAGES
@@ -81,7 +81,7 @@ def test_a_checkpoint_holds_what_resuming_needs(trained):
 
 def test_raising_steps_resumes_the_same_run_instead_of_starting_over(trained):
     root, _, reports = trained
-    cfg = load_config(CONFIG, [*overrides(root), f"train_lfm.steps={STEPS + 4}"])
+    cfg = load_pipeline_config(CONFIG, [*overrides(root), f"train_lfm.steps={STEPS + 4}"])
     again = {r.name: r for r in run_dag(cfg, STAGES, only=["train_lfm"])}
     lfm = again["train_lfm"]
     assert lfm.status == "ran" and lfm.path == reports["train_lfm"].path
