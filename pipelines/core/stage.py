@@ -44,6 +44,43 @@ class StageContext:
         return storage.join(self.root, "data", self.dataset, f"{stage}-{digest}")
 
 
+class Stage:
+    """One step of the DAG. A stage names itself, the stages it ``needs``, what its output
+    path hashes (``key``) and how it makes that output (``run``, whose dict becomes the
+    ``_SUCCESS.json`` marker). The runner (:mod:`pipelines.core.dag`) knows nothing else of it:
+    everything stage-specific is one of these methods, with a default here.
+    """
+
+    name: str = ""
+    needs: tuple[str, ...] = ()
+
+    def key(self, ctx: StageContext) -> dict:
+        """What the output path hashes: the stage's config and its inputs' hashes."""
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext, out_dir: str) -> dict:
+        """Write everything under ``out_dir`` (the marker is written after it returns)."""
+        raise NotImplementedError
+
+    def done(self, marker: dict, ctx: StageContext) -> bool:
+        """Whether an existing marker still counts as finished (a training stage asked for
+        more steps does not)."""
+        return True
+
+    def version(self, marker: dict) -> Any:
+        """Beyond the stage hash, what a dependant must see change (a training stage resumed to
+        more steps keeps its directory but not its weights); None: the hash alone."""
+        return None
+
+    def check(self, ctx: StageContext, marker: dict) -> None:
+        """Called once the stage is finished (now or before), before any later stage runs:
+        raise to stop the DAG on what this output proves wrong for the stages after it."""
+
+    def summary(self, info: dict) -> list[str]:
+        """Extra lines for the DAG's summary table, from the stage's marker."""
+        return []
+
+
 def digest(obj: Any) -> str:
     """Short stable hash of configs, dicts and lists of them."""
     return config_hash(obj)
