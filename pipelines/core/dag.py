@@ -12,7 +12,7 @@ from lafma.config import config_hash, to_dict
 from pipelines.config import PipelineConfig
 from pipelines.core import storage, tracking
 from pipelines.core.cluster import init_ray
-from pipelines.core.stage import StageContext, digest, read_marker, write_marker
+from pipelines.core.stage import Stage, StageContext, digest, read_marker, write_marker
 
 
 @dataclass
@@ -22,6 +22,7 @@ class StageReport:
     path: str
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the stage's own summary lines
 
 
 def dataset_name(cfg: PipelineConfig) -> str:
@@ -46,7 +47,7 @@ def select(names: Sequence[str], only: Sequence[str] = (), start: str | None = N
     return list(names[i : j + 1])
 
 
-def with_needs(stages: Sequence, name: str) -> list[str]:
+def with_needs(stages: Sequence[Stage], name: str) -> list[str]:
     """``name`` and every stage it transitively needs, in DAG order."""
     by_name = {s.name: s for s in stages}
     if name not in by_name:
@@ -60,15 +61,13 @@ def with_needs(stages: Sequence, name: str) -> list[str]:
     return [s.name for s in stages if s.name in wanted]
 
 
-def _version(stage, ctx: StageContext, h: str, marker: dict | None) -> None:
-    """What downstream stages hash for this stage.
-
-    A training stage resumed to more steps keeps its directory (its hash leaves ``steps``
-    out) but its weights change, so what depends on them must not count as finished: the
-    steps it reached are part of the hash its dependants see.
-    """
-    if hasattr(stage, "done") and marker is not None:
-        ctx.hashes[stage.name] = digest({"stage": h, "steps": marker.get("steps")})
+def _version(stage: Stage, ctx: StageContext, h: str, marker: dict | None) -> None:
+    """What downstream stages hash for this stage: its own hash, and its ``version`` when it
+    has one (a training stage resumed to more steps keeps its directory, but its weights
+    change, so what depends on them must not count as finished)."""
+    v = stage.version(marker) if marker is not None else None
+    if v is not None:
+        ctx.hashes[stage.name] = digest({"stage": h, "steps": v})
 
 
 def _pipeline_run(ctx: StageContext) -> str:
@@ -106,7 +105,7 @@ def _numbers(info: dict) -> dict[str, float]:
     return out
 
 
-def run_dag(cfg: PipelineConfig, stages: Sequence, *, only: Sequence[str] = (), start: str | None = None,
+def run_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str] = (), start: str | None = None,
             until: str | None = None) -> list[StageReport]:
     """Run the selected stages in DAG order (see the module docstring); each stage that runs
     gets an MLflow child run under the pipeline's parent run."""
@@ -130,12 +129,22 @@ def run_dag(cfg: PipelineConfig, stages: Sequence, *, only: Sequence[str] = (), 
     return reports
 
 
-def _run_stage(stage, stages: Sequence, chosen: list[str], ctx: StageContext, uri: str) -> StageReport:
+def _run_stage(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: StageContext,
+               uri: str) -> StageReport:
+    report = _run_or_skip(stage, stages, chosen, ctx, uri)
+    if report.status != "not selected":
+        stage.check(ctx, report.info)  # before any later stage: what this output proves wrong stops here
+        report.notes = stage.summary(report.info)
+    return report
+
+
+def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: StageContext,
+                 uri: str) -> StageReport:
     h = digest(stage.key(ctx))
     out = ctx.data_dir(stage.name, h)
     ctx.hashes[stage.name], ctx.outputs[stage.name] = h, out
     marker = read_marker(out)
-    if marker is not None and hasattr(stage, "done") and not stage.done(marker, ctx):
+    if marker is not None and not stage.done(marker, ctx):
         marker = None  # e.g. a training stage asked for more steps: resume it
     _version(stage, ctx, h, marker)
     if marker is not None and marker.get("run_id"):
@@ -179,21 +188,7 @@ def format_summary(reports: Sequence[StageReport]) -> str:
                      f"{i.get('rows', ''):>10}{i.get('rejected', ''):>10}  {r.path}")
         if i.get("reasons"):
             lines.append(" " * 14 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
-        if "model_version" in i and r.name == "package":
-            lines.append(" " * 14 + f"registered {i.get('model_uri')} ({i.get('gate_metric')} = {i.get('gate_value', 0):.5g})")
-        if r.name == "evaluate" and "metrics" in i:
-            m = i["metrics"]
-            attrs = [f"{k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.startswith("attr/") and k.endswith("/accuracy")]
-            lines.append(" " * 14 + f"{i.get('embedder', {}).get('embedder', '')}: FD {m.get('eval/fd', float('nan')):.4g} "
-                         f"(real vs real {m.get('ref/real_vs_real/fd', float('nan')):.4g}, same-size generated "
-                         f"{m.get('eval/fd_half', float('nan')):.4g}), text-audio {m.get('eval/text_audio', float('nan')):.3f}")
-            if attrs:
-                lines.append(" " * 14 + "attribute accuracy on held-out captions: " + ", ".join(attrs))
-        if r.name == "promote" and "promoted" in i:
-            lines.append(" " * 14 + ("champion -> v" if i["promoted"] else "champion stays; v") + f"{i['model_version']}: {i['reason']}")
+        lines += [" " * 14 + note for note in r.notes]
         if "audio_dir" in i:
             lines.append(" " * 14 + f"generated audio: {i['audio_dir']}")
-        if "audio_hours" in i:
-            lines.append(" " * 14 + f"{i['audio_hours']:.3f} h of audio, "
-                         f"{i.get('audio_seconds_per_second', 0)}x real time")
     return "\n".join(lines)

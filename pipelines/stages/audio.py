@@ -20,6 +20,7 @@ from lafma.data.clips import ClipRejected, cut_clips
 from pipelines.config import DataConfig
 from pipelines.core import storage
 from pipelines.core.stage import (
+    Stage,
     StageContext,
     arrow_table,
     chunk,
@@ -89,7 +90,7 @@ def process_shard(item: dict, *, out_dir: str, mel: MelConfig, data: DataConfig,
     return {"shard": item["shard"], "rows_out": len(rows), "rejected": len(rejects)}
 
 
-class AudioStage:
+class AudioStage(Stage):
     name = "audio"
     needs = ("ingest",)
 
@@ -113,3 +114,8 @@ class AudioStage:
         return {"rows_in": len(manifest), "rows": table.num_rows, "rejected": rejected, "reasons": reasons,
                 "audio_hours": round(audio_hours, 4), "seconds": round(seconds, 2),
                 "audio_seconds_per_second": round(audio_hours * 3600 / max(seconds, 1e-9), 1)}
+
+    def summary(self, info: dict) -> list[str]:
+        if "audio_hours" not in info:
+            return []
+        return [f"{info['audio_hours']:.3f} h of audio, {info.get('audio_seconds_per_second', 0)}x real time"]

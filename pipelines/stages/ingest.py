@@ -10,9 +10,9 @@ import pyarrow as pa
 
 from lafma.data.manifest import read_manifest
 from pipelines.core import storage
-from pipelines.core.stage import StageContext, rejects_table
+from pipelines.core.stage import Stage, StageContext, rejects_table
 
-MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("audio_uri", pa.string()), ("caption", pa.string()),
+INGEST_SCHEMA = pa.schema([("id", pa.string()), ("audio_uri", pa.string()), ("caption", pa.string()),
                              ("captions", pa.list_(pa.string())), ("split", pa.string()),
                              ("attributes", pa.string())])
 
@@ -48,10 +48,8 @@ def ensure_demo_corpus(ctx: StageContext) -> str:
     return manifest
 
 
-class IngestStage:
+class IngestStage(Stage):
     name = "ingest"
-    needs: tuple[str, ...] = ()
-
     def key(self, ctx: StageContext) -> dict:
         d = ctx.cfg.data
         if not d.manifest:
@@ -66,9 +64,9 @@ class IngestStage:
         uri = d.manifest or ensure_demo_corpus(ctx)
         m = read_manifest(uri, layout=d.layout, audio_dir=d.audio_dir, audiocaps_pattern=d.audiocaps_pattern,
                           max_caption_chars=d.max_caption_chars)
-        rows = {name: [r[name] for r in m.rows] for name in MANIFEST_SCHEMA.names}
+        rows = {name: [r[name] for r in m.rows] for name in INGEST_SCHEMA.names}
         storage.write_parquet(storage.join(out_dir, "rejects", "ingest.parquet"), rejects_table(m.rejects))
-        storage.write_parquet(storage.join(out_dir, "manifest.parquet"), pa.table(rows, schema=MANIFEST_SCHEMA))
+        storage.write_parquet(storage.join(out_dir, "manifest.parquet"), pa.table(rows, schema=INGEST_SCHEMA))
         splits: dict[str, int] = {}
         for r in m.rows:
             splits[r["split"]] = splits.get(r["split"], 0) + 1

@@ -8,15 +8,19 @@ import pytest
 
 from pipelines.config import load_pipeline_config
 from pipelines.core import storage
-from pipelines.core.dag import run_dag, select, with_needs
+from pipelines.core.dag import format_summary, run_dag, select, with_needs
+from pipelines.core.stage import Stage
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 
 
-class Trainer:
+class Trainer(Stage):
     """Like a training stage: ``steps`` is not in its hash, and it is done only at ``steps``."""
 
     name, needs = "trainer", ()
+
+    def version(self, marker):
+        return marker["steps"]
 
     def key(self, ctx):
         return {"lr": ctx.cfg.train_vae.lr}
@@ -29,7 +33,7 @@ class Trainer:
         return {"steps": ctx.cfg.train_vae.steps}
 
 
-class User:
+class User(Stage):
     name, needs = "user", ("trainer",)
 
     def key(self, ctx):
@@ -65,3 +69,42 @@ def test_selection():
     assert with_needs(STAGES, "train_lfm") == [s.name for s in STAGES][: [s.name for s in STAGES].index("train_lfm") + 1]
     assert with_needs(STAGES, "promote") == [s.name for s in STAGES if s.name != "generate"]
     assert with_needs(STAGES, "generate") == [s.name for s in STAGES if s.name not in ("evaluate", "promote")]
+
+
+class Vetoer(Stage):
+    """Finishes, then finds its own output wrong for what follows (like the text width check)."""
+
+    name, needs = "vetoer", ()
+
+    def key(self, ctx):
+        return {}
+
+    def run(self, ctx, out):
+        return {"width": 7}
+
+    def check(self, ctx, marker):
+        if marker["width"] != 8:
+            raise ValueError(f"width {marker['width']}")
+
+    def summary(self, info):
+        return [f"width {info['width']}"]
+
+
+def test_a_stage_check_stops_the_dag_before_the_next_stage_even_when_skipped(ray_local, tmp_path):
+    cfg = load_pipeline_config(CONFIG, [f"storage.root={tmp_path}", "train_vae.steps=5"])
+    for _ in range(2):  # the first time it runs, the second it is skipped: both stop
+        with pytest.raises(ValueError, match="width 7"):
+            run_dag(cfg, [Vetoer(), Trainer()])
+        assert not list(tmp_path.glob("data/*/trainer-*/_SUCCESS.json"))
+    with pytest.raises(ValueError, match="width 7"):  # also when only a later stage is selected
+        run_dag(cfg, [Vetoer(), Trainer()], only=["trainer"])
+
+
+def test_the_summary_shows_each_stage_its_own_lines(ray_local, tmp_path):
+    class Fine(Vetoer):
+        def check(self, ctx, marker):
+            pass
+
+    reports = run_dag(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}"]), [Fine()])
+    assert reports[0].notes == ["width 7"]
+    assert "\n" + " " * 14 + "width 7" in format_summary(reports)
