@@ -111,15 +111,38 @@ class TextConfig:
 
     @property
     def dim(self) -> int:
-        """Embedding width, known without loading the model for the shipped encoders."""
+        """Embedding width, known without loading the model's weights.
+
+        Exact for ``tiny_t5``, the shipped MiniLM and any local directory (its ``config.json``
+        says ``d_model`` or ``hidden_size``); for a hub id it is the published FLAN-T5 width,
+        1024 when the name is unknown. The text stage records the width the encoder really
+        produced, and the DAG stops before any training when the two differ
+        (``pipelines.stages.text.TextStage.check``): set ``unet.context_dim`` then.
+        """
         if self.kind == "tiny_t5":
             return self.tiny_dim
+        local = _local_width(self.name_or_path)
+        if local is not None:
+            return local
         if self.kind == "minilm":
             return 384
         return _T5_WIDTHS.get(self.name_or_path.rstrip("/").split("/")[-1], 1024)
 
 
 _T5_WIDTHS = {"flan-t5-small": 512, "flan-t5-base": 768, "flan-t5-large": 1024, "flan-t5-xl": 2048}
+
+
+def _local_width(path: str) -> int | None:
+    """``d_model`` (T5) or ``hidden_size`` (BERT-like) from a local model directory's config."""
+    file = Path(path) / "config.json" if path else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        conf = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    width = conf.get("d_model") or conf.get("hidden_size")
+    return int(width) if isinstance(width, int) and width > 0 else None
 
 
 @dataclass(frozen=True)

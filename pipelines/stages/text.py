@@ -14,9 +14,10 @@ import time
 
 import pyarrow as pa
 
-from lafma.config import TextConfig
+from lafma.config import ConfigError, TextConfig
 from pipelines.core import storage
 from pipelines.core.stage import (
+    Stage,
     StageContext,
     arrow_table,
     chunk,
@@ -61,15 +62,18 @@ class EncodeCaptions:
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
 
-class TextStage:
+class TextStage(Stage):
+    """Every caption of the manifest, encoded once. It needs only the captions, so a change of
+    the mel or the clip length (a new audio stage) re-encodes nothing."""
+
     name = "text"
-    needs = ("audio",)
+    needs = ("ingest",)
 
     def key(self, ctx: StageContext) -> dict:
-        return {"audio": ctx.hashes["audio"], "text": ctx.cfg.text, "batch": ctx.cfg.compute.text_batch_size}
+        return {"ingest": ctx.hashes["ingest"], "text": ctx.cfg.text, "batch": ctx.cfg.compute.text_batch_size}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
-        table = storage.read_parquet_dir(ctx.outputs["audio"], columns=["captions"])
+        table = storage.read_parquet_dir(ctx.outputs["ingest"], columns=["captions"])
         unique = {""} | {c for cs in table.column("captions").to_pylist() for c in cs}
         captions = sorted(unique)  # deterministic shards: the same captions land in the same files
         c = ctx.cfg.compute
@@ -80,4 +84,22 @@ class TextStage:
                    fn_kwargs={"text": ctx.cfg.text, "out_dir": out_dir, "batch_size": c.text_batch_size})
         written = storage.read_parquet_dir(out_dir, columns=["caption_key"]).num_rows
         return {"rows_in": table.num_rows, "rows": written, "unique_captions": len(captions), "rejected": 0,
-                "empty_caption_key": caption_key(""), "seconds": round(time.time() - start, 2)}
+                "empty_caption_key": caption_key(""), "dim": recorded_width(out_dir),
+                "seconds": round(time.time() - start, 2)}
+
+    def check(self, ctx: StageContext, marker: dict) -> None:
+        """The UNet is built ``context_dim`` wide: stop now, before any training, if the encoder
+        produced another width (a guess by name can be wrong; training would fail only at
+        the LFM, after the VAE and vocoder have trained)."""
+        width = marker.get("dim") or recorded_width(ctx.outputs[self.name])
+        if width != ctx.cfg.context_dim:
+            source = "unet.context_dim" if ctx.cfg.unet.context_dim else f"the guess for text.name_or_path={ctx.cfg.text.name_or_path!r}"
+            raise ConfigError("unet.context_dim",
+                              f"the text encoder ({ctx.cfg.text.kind}) produced {width}-d embeddings, but the UNet "
+                              f"would be built {ctx.cfg.context_dim} wide ({source}); set unet.context_dim={width}")
+
+
+def recorded_width(text_dir: str) -> int:
+    """The embedding width D the text stage wrote (every row of a stage has the same)."""
+    first = storage.list_files(text_dir, ".parquet")[0]
+    return int(storage.read_parquet_file(first, ["dim"]).column("dim")[0].as_py())

@@ -66,3 +66,12 @@ def test_offline_minilm_embeds_meaning():
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     same, different = pooled[0] @ pooled[1], pooled[0] @ pooled[2]
     assert same > different + 0.2, (same, different)
+
+
+def test_a_local_encoder_directory_states_its_own_width(tmp_path):
+    """No guess by name: a local model directory's config.json says how wide it is."""
+    (tmp_path / "config.json").write_text('{"model_type": "t5", "d_model": 48}')
+    assert TextConfig(kind="t5", name_or_path=str(tmp_path)).dim == 48
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 96}')
+    assert TextConfig(kind="minilm", name_or_path=str(tmp_path)).dim == 96
+    assert TextConfig(kind="t5", name_or_path="google/flan-t5-base").dim == 768

@@ -150,3 +150,21 @@ def test_s3_paths_give_the_same_output_as_local(ray_local, hostile, tmp_path):
     assert all_rejects(s3_reports.values()) == all_rejects(local_reports.values()) == hostile.expected_rejects
     assert s3_reports["text"].info["rows"] == local_reports["text"].info["rows"]
     assert storage.exists(storage.join(s3_reports["text"].path, "_SUCCESS.json"))
+
+
+def test_a_mel_change_reruns_the_audio_stage_but_encodes_no_caption_again(ray_local, hostile, tmp_path):
+    first = outputs(run_dag(config(hostile.manifest, tmp_path / "store"), STAGES, until="text"))
+    other = outputs(run_dag(config(hostile.manifest, tmp_path / "store", "mel.f_max=7000"), STAGES, until="text"))
+    assert other["audio"].status == "ran" and other["audio"].path != first["audio"].path
+    assert other["text"].status == "skipped" and other["text"].path == first["text"].path
+    assert first["text"].info["dim"] == 32  # the width the encoder produced, recorded for the check
+
+
+def test_a_text_width_the_unet_was_not_built_for_stops_before_any_training(ray_local, hostile, tmp_path):
+    from lafma.config import ConfigError
+
+    cfg = config(hostile.manifest, tmp_path / "store", "unet.context_dim=48")  # tiny_t5 is 32 wide
+    with pytest.raises(ConfigError, match="produced 32-d embeddings.*set unet.context_dim=32") as e:
+        run_dag(cfg, STAGES, until="train_vae")
+    assert e.value.key == "unet.context_dim"
+    assert not list((tmp_path / "store").glob("data/*/train_vae-*"))  # nothing trained
