@@ -423,12 +423,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(arg, value, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(key, f"does not match {_type_name(tp)}: {value!r}")
     if origin is tuple:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
