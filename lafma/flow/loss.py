@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -34,6 +34,53 @@ def flow_matching_loss(velocity: Callable[..., Tensor], x1: Tensor, path: OTPath
         x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
     x_t, target = path.sample(x0, x1, t)
     return torch.mean((velocity(x_t, t, **cond) - target) ** 2)
+
+
+# Seeds of the held-out noise: time bin k of the batch whose first item has offset ``start``
+# draws its noise from ``Generator(HELDOUT_SEED_STRIDE * k + start)``. A prime larger than
+# any held-out set keeps every (k, start) pair on its own seed.
+HELDOUT_SEED_STRIDE = 1_000_003
+
+
+@torch.no_grad()
+def heldout_fm_loss(velocity: Callable[..., Tensor], batches: Iterable[tuple[Tensor, Mapping[str, Tensor]]],
+                    path: OTPath, *, times: int) -> float:
+    """The flow-matching loss with its randomness fixed, so two models scored on the same
+    batches see exactly the same problems and differ only by their weights.
+
+    Every item is scored at the midpoints ``(k + 0.5) / times`` of ``times`` equal bins of
+    t, with noise seeded by the time bin and the batch's offset in the stream (see
+    :data:`HELDOUT_SEED_STRIDE`): the same batches always give the same value, and cutting
+    them differently gives other noise.
+
+    Args:
+        velocity: u_θ(x, t, **cond) → (B, …).
+        batches: ``(x1 (B, …), cond)`` in a fixed order; ``cond`` is passed to ``velocity``
+            (e.g. ``context`` (B, L, D), ``context_mask`` (B, L)).
+        path: the probability path.
+        times: number of t bins.
+
+    Returns:
+        The mean over items and times of each item's mean squared error
+        ‖u_θ(x_t, t, c) − v‖² / numel(x1[i]).
+    """
+    if times < 1:
+        raise ValueError(f"times must be >= 1, got {times}")
+    total, count, start = 0.0, 0, 0
+    for x1, cond in batches:
+        b = x1.shape[0]
+        for k in range(times):
+            t = torch.full((b,), (k + 0.5) / times, device=x1.device)
+            g = torch.Generator().manual_seed(HELDOUT_SEED_STRIDE * k + start)
+            x0 = torch.randn(x1.shape, generator=g).to(x1.device)  # drawn on the CPU: the same on any device
+            # Every item of a batch has as many elements, so the batch mean is the mean of the
+            # items' means: weight it by the batch size.
+            total += float(flow_matching_loss(velocity, x1, path, t=t, x0=x0, **cond)) * b
+            count += b
+        start += b
+    if count == 0:
+        raise ValueError("heldout_fm_loss needs at least one item")
+    return total / count
 
 
 def pad_tokens(emb: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from lafma.flow import ClassifierFreeGuidance, OTPath, drop_condition, flow_matching_loss, solve
+from lafma.flow import (
+    ClassifierFreeGuidance,
+    OTPath,
+    drop_condition,
+    flow_matching_loss,
+    heldout_fm_loss,
+    solve,
+)
 
 
 @pytest.mark.parametrize("sigma_min", [0.0, 1e-4, 0.1])
@@ -34,6 +41,53 @@ def test_loss_is_zero_for_the_exact_field_and_positive_otherwise():
 
     assert flow_matching_loss(exact, x1, path, t=t, x0=x0).item() < 1e-10
     assert flow_matching_loss(lambda x, tt: torch.zeros_like(x), x1, path, t=t, x0=x0).item() > 0.5
+
+
+def _batches(x1: torch.Tensor, size: int) -> list[tuple[torch.Tensor, dict]]:
+    """Held-out batches whose condition is the data itself, so a velocity can be exact."""
+    return [(x1[i : i + size], {"data": x1[i : i + size]}) for i in range(0, len(x1), size)]
+
+
+@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+def test_heldout_loss_of_the_exact_field_is_zero(sigma_min):
+    x1 = torch.randn(20, 2, 3, generator=torch.Generator().manual_seed(4))
+    a = 1 - sigma_min
+
+    def exact(x, t, data):  # x0 = (x_t - t x1) / (1 - a t), so v = x1 - a x0
+        tt = t[:, None, None]
+        return data - a * (x - tt * data) / (1 - a * tt)
+
+    assert heldout_fm_loss(exact, _batches(x1, 8), OTPath(sigma_min), times=4) < 1e-10
+
+
+@pytest.mark.parametrize("sigma_min", [0.0, 0.1])
+def test_heldout_loss_of_a_zero_field_is_the_mean_squared_target(sigma_min):
+    # v = x1 - (1 - σ) x0 with x1 = 2 everywhere and x0 ~ N(0, I): E v² = 4 + (1 - σ)².
+    x1 = torch.full((64, 3, 50), 2.0)
+    value = heldout_fm_loss(lambda x, t, data: torch.zeros_like(x), _batches(x1, 16), OTPath(sigma_min), times=4)
+    assert value == pytest.approx(4 + (1 - sigma_min) ** 2, abs=0.1)  # ~38 400 draws: std ≈ 0.02
+
+
+def test_heldout_loss_poses_the_same_problems_at_the_bin_midpoints_every_time():
+    x1 = torch.randn(10, 4, generator=torch.Generator().manual_seed(5))
+    seen = []
+
+    def model(scale):
+        def velocity(x, t, data):
+            seen.append((x.clone(), t.clone()))
+            return scale * x
+        return velocity
+
+    first = heldout_fm_loss(model(1.0), _batches(x1, 4), OTPath(), times=3)
+    problems, seen[:] = list(seen), []
+    other = heldout_fm_loss(model(0.5), _batches(x1, 4), OTPath(), times=3)
+    assert len(seen) == len(problems) == 3 * 3  # three batches (4, 4, 2) at three times
+    assert all(torch.equal(x, y) and torch.equal(t, u) for (x, t), (y, u) in zip(seen, problems))
+    assert sorted({round(float(t[0]), 6) for _, t in seen}) == [round(1 / 6, 6), 0.5, round(5 / 6, 6)]
+    assert other != first  # the same problems, other weights: only the weights differ
+    assert heldout_fm_loss(model(1.0), _batches(x1, 4), OTPath(), times=3) == first
+    with pytest.raises(ValueError, match="times"):
+        heldout_fm_loss(model(1.0), _batches(x1, 4), OTPath(), times=0)
 
 
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
