@@ -27,7 +27,7 @@ from lafma.metrics import (
 )
 from pipelines.config import PipelineConfig
 from pipelines.core import registry, storage
-from pipelines.core.stage import StageContext, read_marker
+from pipelines.core.stage import Stage, StageContext, read_marker
 from pipelines.stages.text import caption_key
 
 HELD_OUT = ("test", "validation")
@@ -104,7 +104,10 @@ def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
     return idx[0::2], idx[1::2]
 
 
-class EvaluateStage:
+class EvaluateStage(Stage):
+    """Generate the held-out captions with the candidate, score them against the held-out real
+    audio (see the module docstring) and hand the gate metric to the registry."""
+
     name = "evaluate"
     needs = ("ingest", "audio", "text", "package")
 
@@ -167,6 +170,19 @@ class EvaluateStage:
         print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
         return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
                 "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep}
+
+    def summary(self, info: dict) -> list[str]:
+        """The headline numbers beside their references, and the attribute accuracies."""
+        if "metrics" not in info:
+            return []
+        m, nan = info["metrics"], float("nan")
+        lines = [f"{info.get('embedder', {}).get('embedder', '')}: FD {m.get('eval/fd', nan):.4g} "
+                 f"(real vs real {m.get('ref/real_vs_real/fd', nan):.4g}, same-size generated "
+                 f"{m.get('eval/fd_half', nan):.4g}), text-audio {m.get('eval/text_audio', nan):.3f}"]
+        attrs = [f"{k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.startswith("attr/") and k.endswith("/accuracy")]
+        if attrs:
+            lines.append("attribute accuracy on held-out captions: " + ", ".join(attrs))
+        return lines
 
     def _generate(self, ctx: StageContext, held: list[dict], out_dir: str, name: str, steps: int,
                   pkg: dict) -> tuple[list[np.ndarray], float]:

@@ -17,7 +17,7 @@ from lafma.config import LafmaConfig, from_dict, model_sections
 from lafma.flow import OTPath, heldout_fm_loss
 from lafma.text import pad_embeddings
 from pipelines.core import registry, storage
-from pipelines.core.stage import StageContext
+from pipelines.core.stage import Stage, StageContext, read_marker
 
 GATE_METRIC = "heldout/fm_loss"
 COMPONENT_STAGES = {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
@@ -53,7 +53,7 @@ def heldout_batches(rows: pa.Table, cfg: LafmaConfig,
         yield x1.to(device), {"context": ctx.to(device), "context_mask": mask.to(device)}
 
 
-class PackageStage:
+class PackageStage(Stage):
     """Bundle the LFM, VAE and vocoder (mel hashes checked), score the gate metric, register
     the bundle as a new version of ``lafma`` with the ``candidate`` alias."""
 
@@ -104,8 +104,13 @@ class PackageStage:
         return {"model_version": reg.version, "model_uri": reg.uri, "gate_metric": metric, "gate_value": value,
                 "gate_clips": rows.num_rows, "bundle": storage.join(out_dir, "bundle"), "metrics": {metric: value}}
 
+    def summary(self, info: dict) -> list[str]:
+        if "model_version" not in info:
+            return []
+        return [f"registered {info.get('model_uri')} ({info.get('gate_metric')} = {info.get('gate_value', 0):.5g})"]
 
-class PromoteStage:
+
+class PromoteStage(Stage):
     """``champion`` moves to the new version only if its gate metric beats the champion's."""
 
     name = "promote"
@@ -115,14 +120,17 @@ class PromoteStage:
         return {n: ctx.hashes[n] for n in self.needs}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
-        from pipelines.core.stage import read_marker
-
         version = read_marker(ctx.outputs["package"])["model_version"]
         d = registry.gate(root=ctx.root, version=version)
         print(f"[promote] v{d.candidate}: {'promoted to champion' if d.promoted else 'not promoted'} ({d.reason})",
               flush=True)
         return {"model_version": d.candidate, "promoted": d.promoted, "reason": d.reason,
                 "previous_champion": d.champion}
+
+    def summary(self, info: dict) -> list[str]:
+        if "promoted" not in info:
+            return []
+        return [("champion -> v" if info["promoted"] else "champion stays; v") + f"{info['model_version']}: {info['reason']}"]
 
 
 def demo_captions(ctx: StageContext) -> list[dict]:
@@ -142,7 +150,7 @@ def demo_captions(ctx: StageContext) -> list[dict]:
     return picked
 
 
-class GenerateStage:
+class GenerateStage(Stage):
     """Generate the demo captions with the packaged model (batch generation on Ray Data) and
     log their spectrograms and audio to the stage's MLflow run."""
 
@@ -155,7 +163,6 @@ class GenerateStage:
                 "captions": g.captions, "max_captions": g.max_captions, "seed": g.seed}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
-        from pipelines.core.stage import read_marker
         from pipelines.generation import GenerationSettings, run_generation
 
         g, s = ctx.cfg.generate, ctx.cfg.sampler
