@@ -161,16 +161,18 @@ def load_bundle(path: str, device: str | torch.device = "cpu") -> LafmaPipeline:
     """The :class:`LafmaPipeline` a bundle describes, on ``device``, after :func:`check_bundle`."""
     manifest = check_bundle(path)
     base = model_sections(manifest["config"])  # older bundles carried the pipeline's sections too
-    built = {}
-    for c in COMPONENTS:
-        entry = manifest["components"][c]
-        cfg = from_dict(LafmaConfig, {**base, **entry["config"]})
-        module = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}[c](cfg)
-        module.load_state_dict(load_file(os.path.join(path, entry["file"])))
-        built[c] = module
     text = {k: v for k, v in manifest["text_encoder"].items() if k not in ("bundled", "source")}
     if manifest["text_encoder"].get("bundled"):
         text["name_or_path"] = os.path.join(path, "text_encoder")
+    built = {}
+    for c in COMPONENTS:
+        entry = manifest["components"][c]
+        # The bundle's own text encoder, not the directory it was copied from: the UNet's
+        # context width is read from it when the config leaves the width to the encoder.
+        cfg = from_dict(LafmaConfig, {**base, **entry["config"], "text": text})
+        module = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}[c](cfg)
+        module.load_state_dict(load_file(os.path.join(path, entry["file"])))
+        built[c] = module
     cfg = from_dict(LafmaConfig, {**base, "text": text})
     pipe = build_pipeline(cfg, text_encoder=build_text_encoder(cfg.text), **built)
     return pipe.to(device)

@@ -28,6 +28,7 @@ from lafma.metrics import (
 from pipelines.config import PipelineConfig
 from pipelines.core import registry, storage
 from pipelines.core.stage import Stage, StageContext, read_marker
+from pipelines.stages.release import packaged_model_uri
 from pipelines.stages.text import caption_key
 
 HELD_OUT = ("test", "validation")
@@ -138,8 +139,7 @@ class EvaluateStage(Stage):
             refs["real/is"] = inception_score(real_l, splits=min(10, len(held) // 2))[0]
 
         # What the generator's back end alone loses: the vocoder on real mels, and the VAE round trip.
-        pipe = registry.load_pipeline(pkg["bundle"] if not storage.is_remote(pkg["bundle"]) else pkg["model_uri"],
-                                      root=ctx.root, device="cpu")
+        pipe = registry.load_pipeline(packaged_model_uri(pkg), root=ctx.root, device="cpu")
         with torch.no_grad():
             mel = torch.from_numpy(np.stack([c["mel"] for c in held]))  # (N, n_mels, T)
             vocoded = [w.numpy() for w in pipe.vocoder(mel)]
@@ -197,8 +197,7 @@ class EvaluateStage(Stage):
         lines = "".join(json.dumps({"id": c["id"], "caption": c["caption"], "seed": derive_seed(e.seed, c["id"])}) + "\n"
                         for c in held)
         storage.write_bytes(captions, lines.encode())
-        model = pkg["bundle"] if not storage.is_remote(pkg["bundle"]) else pkg["model_uri"]
-        settings = GenerationSettings(model=model, steps=steps, guidance=s.guidance, solver=s.solver,
+        settings = GenerationSettings(model=packaged_model_uri(pkg), steps=steps, guidance=s.guidance, solver=s.solver,
                                       duration=ctx.cfg.audio.clip_seconds, seed=e.seed, batch_size=g.batch_size,
                                       actors=g.actors, actor_cpus=g.actor_cpus, actor_gpus=g.actor_gpus)
         t0 = time.time()

@@ -3,6 +3,7 @@ and generate the demo captions with it."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -53,6 +54,26 @@ def heldout_batches(rows: pa.Table, cfg: LafmaConfig,
         yield x1.to(device), {"context": ctx.to(device), "context_mask": mask.to(device)}
 
 
+def copy_tree(src: str, dest: str) -> None:
+    """Every file under the local directory ``src``, sub-folders included, to ``dest`` (local or
+    s3://) at the same relative path."""
+    for folder, subfolders, files in os.walk(src):
+        subfolders.sort()
+        for name in sorted(files):
+            file = os.path.join(folder, name)
+            rel = os.path.relpath(file, src).split(os.sep)
+            with open(file, "rb") as f:
+                storage.write_bytes(storage.join(dest, *rel), f.read())
+
+
+def packaged_model_uri(package_marker: dict) -> str:
+    """What to load for a finished package stage: its bundle directory on a local root (no
+    registry round trip), else its registry URI (a bundle on s3:// is not a directory
+    :func:`pipelines.core.registry.load_pipeline` can read in place)."""
+    bundle = package_marker["bundle"]
+    return bundle if not storage.is_remote(bundle) else package_marker["model_uri"]
+
+
 class PackageStage(Stage):
     """Bundle the LFM, VAE and vocoder (mel hashes checked), score the gate metric, register
     the bundle as a new version of ``lafma`` with the ``candidate`` alias."""
@@ -94,11 +115,9 @@ class PackageStage(Stage):
                      "lafma.gate.split": split, "lafma.gate.clips": rows.num_rows}
             reg = registry.register(bundle, root=ctx.root, run_id=ctx.run_ids[self.name], gate_metric=metric,
                                     gate_value=value, tags=tags)
-            for name in sorted(os.listdir(bundle)):  # also beside the stage: servable without the registry
-                file = os.path.join(bundle, name)
-                if os.path.isfile(file):
-                    with open(file, "rb") as f:
-                        storage.write_bytes(storage.join(out_dir, "bundle", name), f.read())
+            # Also beside the stage, whole (a bundled text encoder is a sub-folder): servable
+            # without the registry, and what generate and evaluate load on a local root.
+            copy_tree(bundle, storage.join(out_dir, "bundle"))
         print(f"[package] registered {registry.MODEL_NAME} v{reg.version} ({reg.uri}) as {registry.CANDIDATE}; "
               f"{metric} = {value:.5f} on {rows.num_rows} {split} clips", flush=True)
         return {"model_version": reg.version, "model_uri": reg.uri, "gate_metric": metric, "gate_value": value,
@@ -169,12 +188,9 @@ class GenerateStage(Stage):
         captions = g.captions
         if not captions:
             captions = storage.join(out_dir, "captions.jsonl")
-            import json
-
             lines = "".join(json.dumps(r) + "\n" for r in demo_captions(ctx))
             storage.write_bytes(captions, lines.encode())
-        pkg = read_marker(ctx.outputs["package"])
-        model = pkg["bundle"] if not storage.is_remote(pkg["bundle"]) else pkg["model_uri"]
+        model = packaged_model_uri(read_marker(ctx.outputs["package"]))
         settings = GenerationSettings(model=model, steps=s.steps, guidance=s.guidance, solver=s.solver,
                                       duration=s.duration, seed=g.seed, batch_size=g.batch_size, actors=g.actors,
                                       actor_cpus=g.actor_cpus, actor_gpus=g.actor_gpus)

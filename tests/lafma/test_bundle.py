@@ -72,3 +72,33 @@ def test_a_tampered_bundle_is_refused_when_loaded(tmp_path):
 def test_a_directory_that_is_not_a_bundle_says_so(tmp_path):
     with pytest.raises(BundleError, match="not a LAFMA bundle"):
         load_bundle(str(tmp_path))
+
+
+def small_t5_dir(path: Path) -> Path:
+    """A 32-wide T5 encoder and the byte tokenizer, as ``save_pretrained`` lays them out."""
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      dropout_rate=0.0, feed_forward_proj="gated-gelu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        T5EncoderModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_bundled_text_encoder_is_copied_whole_and_is_all_the_bundle_needs(tmp_path):
+    encoder = small_t5_dir(tmp_path / "t5")
+    files = {p.relative_to(encoder): p.read_bytes() for p in encoder.rglob("*") if p.is_file()}
+    components, weights, _ = export(tmp_path, ["text.kind=t5", f"text.name_or_path={encoder}"])
+    manifest = write_bundle(str(tmp_path / "bundle"), components=components, weights=weights)
+    assert manifest["text_encoder"]["bundled"] and manifest["text_encoder"]["source"] == str(encoder)
+    copied = tmp_path / "bundle" / "text_encoder"
+    assert {p.relative_to(copied): p.read_bytes() for p in copied.rglob("*") if p.is_file()} == files
+    # With the source gone, the bundle's copy is what the text encoder and the UNet's width come from.
+    encoder.rename(tmp_path / "moved")
+    pipe = load_bundle(str(tmp_path / "bundle"))
+    assert pipe.text_encoder.dim == 32
+    gen = pipe.generate(["a bell rings"], seeds=[3], steps=2)
+    assert gen.audio.shape[0] == 1 and torch.isfinite(gen.audio).all()
