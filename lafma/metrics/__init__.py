@@ -1,4 +1,5 @@
-"""Evaluation metrics: Fréchet distance, KL, inception score, text–audio scores, attribute accuracy.
+"""Evaluation metrics: Fréchet distance, KL, inception score, text–audio scores, attribute accuracy,
+and the recipe that computes all of them for the ``evaluate`` stage (:mod:`lafma.metrics.evaluation`).
 
 Pure torch + numpy. Embedders (aisfx offline; PANNs Cnn14, VGGish and LAION-CLAP from local
 reference checkpoints) live in :mod:`lafma.metrics.embedders`.
@@ -11,6 +12,7 @@ from lafma.metrics.attributes import (
 )
 from lafma.metrics.classifier_metrics import inception_score, kl_divergence
 from lafma.metrics.embedders import AudioEmbedder, CheckpointFormatError, build_embedder
+from lafma.metrics.evaluation import Embedded, Scores, score_generations
 from lafma.metrics.frechet import (
     embedding_stats,
     frechet_distance,
@@ -28,6 +30,8 @@ __all__ = [
     "AttributeClassifiers",
     "AudioEmbedder",
     "CheckpointFormatError",
+    "Embedded",
+    "Scores",
     "TextAudioProjection",
     "attribute_accuracy",
     "build_embedder",
@@ -41,4 +45,5 @@ __all__ = [
     "kl_divergence",
     "masked_mean",
     "retrieval_accuracy",
+    "score_generations",
 ]

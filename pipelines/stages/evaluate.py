@@ -17,14 +17,7 @@ import numpy as np
 import torch
 
 from lafma.data.captions import derive_seed, safe_name
-from lafma.metrics import (
-    attribute_accuracy,
-    fit_attribute_classifiers,
-    fit_text_audio_projection,
-    frechet_distance_from_embeddings,
-    inception_score,
-    kl_divergence,
-)
+from lafma.metrics import Embedded, frechet_distance_from_embeddings, score_generations
 from pipelines.config import PipelineConfig
 from pipelines.core import registry, storage
 from pipelines.core.stage import Stage, StageContext, read_marker
@@ -32,7 +25,14 @@ from pipelines.stages.release import packaged_model_uri
 from pipelines.stages.text import caption_key
 
 HELD_OUT = ("test", "validation")
+# Clips per embedder call: bounds one forward pass's memory (embedders resample to up to
+# 48 kHz first: 16 ten-second clips are ~30 MB of input before any activation) while keeping
+# the per-call overhead small.
 EMBED_BATCH = 16
+# Training clips (first by id) the text-audio projection and the attribute classifiers are
+# fitted on: linear models over frozen embeddings, which a thousand examples fit well; more
+# would only lengthen loading and embedding them.
+TRAIN_CLIPS = 1024
 LOGGED_CLIPS = 64  # generated held-out clips whose audio is logged to MLflow
 # Higher is better only for the text-audio score.
 HIGHER_IS_BETTER = {"text_audio"}
@@ -85,8 +85,8 @@ def build_embedder(cfg: PipelineConfig, root: str):
 
 
 @torch.no_grad()
-def embed(embedder, waves: list[np.ndarray], sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(fd_features (M, D), clip embeddings (N, D), logits (N, K) or None)."""
+def embed(embedder, waves: list[np.ndarray], sample_rate: int) -> Embedded:
+    """The FD rows, clip embeddings and (with a classifier head) logits of ``waves``."""
     feats, embs, logits = [], [], []
     for start in range(0, len(waves), EMBED_BATCH):
         x = torch.from_numpy(np.stack(waves[start : start + EMBED_BATCH]))  # (B, N)
@@ -97,12 +97,7 @@ def embed(embedder, waves: list[np.ndarray], sample_rate: int) -> tuple[np.ndarr
         else:
             emb = embedder.embed(x, sample_rate)
         embs.append(emb.numpy())
-    return np.concatenate(feats), np.concatenate(embs), (np.concatenate(logits) if logits else None)
-
-
-def _halves(n: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.arange(n)
-    return idx[0::2], idx[1::2]
+    return Embedded(np.concatenate(feats), np.concatenate(embs), np.concatenate(logits) if logits else None)
 
 
 class EvaluateStage(Stage):
@@ -121,52 +116,32 @@ class EvaluateStage(Stage):
         held = load_clips(ctx.outputs["audio"], HELD_OUT, e.max_clips)
         if len(held) < 4:
             raise ValueError(f"evaluate needs at least 4 held-out clips ({'/'.join(HELD_OUT)} splits); found {len(held)}")
-        train = load_clips(ctx.outputs["audio"], ("train",), 1024)
+        train = load_clips(ctx.outputs["audio"], ("train",), TRAIN_CLIPS)
         sr = cfg.mel.sample_rate
         embedder = build_embedder(cfg, ctx.root)
         print(f"[evaluate] {len(held)} held-out clips, {len(train)} training clips; embedder {embedder.name}", flush=True)
 
         gen, seconds_per_clip = self._generate(ctx, held, out_dir, "generated", s.steps, pkg)
-        real_f, real_e, real_l = embed(embedder, [c["waveform"] for c in held], sr)
-        gen_f, gen_e, gen_l = embed(embedder, gen, sr)
-        metrics = {"fd": frechet_distance_from_embeddings(gen_f, real_f)}
-        a, b = _halves(len(held))
-        metrics["fd_half"] = frechet_distance_from_embeddings(gen_e[a], real_e[b])  # same sizes as real vs real
-        refs = {"real_vs_real/fd": frechet_distance_from_embeddings(real_e[a], real_e[b])}
-        if gen_l is not None:
-            metrics["kl"] = kl_divergence(real_l, gen_l)
-            metrics["is"] = inception_score(gen_l, splits=min(10, len(held) // 2))[0]
-            refs["real/is"] = inception_score(real_l, splits=min(10, len(held) // 2))[0]
-
-        # What the generator's back end alone loses: the vocoder on real mels, and the VAE round trip.
-        pipe = registry.load_pipeline(packaged_model_uri(pkg), root=ctx.root, device="cpu")
-        with torch.no_grad():
-            mel = torch.from_numpy(np.stack([c["mel"] for c in held]))  # (N, n_mels, T)
-            vocoded = [w.numpy() for w in pipe.vocoder(mel)]
-            roundtrip = [w.numpy() for w in pipe.vocoder(pipe.vae.decode(pipe.vae.encode(mel).mean))]
-        refs["vocoder/fd"] = frechet_distance_from_embeddings(embed(embedder, vocoded, sr)[0], real_f)
-        refs["vae_vocoder/fd"] = frechet_distance_from_embeddings(embed(embedder, roundtrip, sr)[0], real_f)
-
-        # Text-audio agreement: a contrastive projection fitted on the training clips' real audio.
-        train_e = embed(embedder, [c["waveform"] for c in train], sr)[1]
+        real = embed(embedder, [c["waveform"] for c in held], sr)
+        vocoded, roundtrip = self._back_end(ctx, held, pkg)
         captions = [c["caption"] for c in train]
-        text = torch.from_numpy(caption_embeddings(ctx.outputs["text"], captions + [c["caption"] for c in held]))
-        train_text, held_text = text[: len(train)], text[len(train) :]  # one pass over the text table
-        proj = fit_text_audio_projection(torch.from_numpy(train_e), train_text, keys=captions, seed=e.seed)
-        per_clip_ta = proj.score(torch.from_numpy(gen_e), held_text).detach().numpy()
-        metrics["text_audio"] = float(per_clip_ta.mean())
-        refs["real/text_audio"] = float(proj.score(torch.from_numpy(real_e), held_text).detach().mean())
+        text = caption_embeddings(ctx.outputs["text"], captions + [c["caption"] for c in held])  # one pass
+        names = sorted({k for c in train for k in c["attributes"]})
+        scores = score_generations(
+            real, embed(embedder, gen, sr), train=embed(embedder, [c["waveform"] for c in train], sr).clips,
+            train_text=text[: len(train)], train_captions=captions, held_text=text[len(train) :],
+            train_labels={a: [c["attributes"].get(a) for c in train] for a in names},
+            held_labels={a: [c["attributes"].get(a) for c in held] for a in names},
+            references={"vocoder": embed(embedder, vocoded, sr).fd, "vae_vocoder": embed(embedder, roundtrip, sr).fd},
+            seed=e.seed)
+        sweep = self._sweep(ctx, held, out_dir, embedder, real.fd, pkg) if e.sweep_steps else {}
 
-        attrs = self._attributes(train, train_e, held, gen_e, real_e)
-        sweep = self._sweep(ctx, held, out_dir, embedder, real_f, pkg) if e.sweep_steps else {}
-        gate_value = metrics[e.gate_metric]
+        flat = scores.metrics | {"eval/seconds_per_clip": seconds_per_clip}
+        gate_value = flat[f"eval/{e.gate_metric}"]
         gate_name = f"{e.gate_metric}/{embedder.name}"
         registry.set_gate(pkg["model_version"], root=ctx.root, metric=gate_name, value=gate_value,
                           lower_is_better=e.gate_metric not in HIGHER_IS_BETTER)
-        flat = {f"eval/{k}": v for k, v in metrics.items()} | {f"ref/{k}": v for k, v in refs.items()}
-        flat |= {f"attr/{a}/{k}": v[k] for a, v in attrs.items() for k in ("accuracy", "chance", "real_accuracy")}
-        flat["eval/seconds_per_clip"] = seconds_per_clip
-        self._log(ctx, held, gen, per_clip_ta, flat, embedder, sweep, out_dir)
+        self._log(ctx, held, gen, scores.text_audio_per_clip, flat, embedder, sweep, out_dir)
         print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
         return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
                 "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep}
@@ -212,26 +187,23 @@ class EvaluateStage(Stage):
         per_clip = float(np.mean([r["seconds"] for r in rows.values()]))
         return waves, per_clip if per_clip > 0 else wall / len(held)
 
-    def _attributes(self, train, train_e, held, gen_e, real_e) -> dict:
-        """Accuracy of attribute classifiers (fitted on real training clips) on generated clips
-        of held-out captions, beside their accuracy on the held-out real clips."""
-        names = sorted({k for c in train for k in c["attributes"]})
-        if not names:
-            return {}
-        fit = fit_attribute_classifiers(torch.from_numpy(train_e),
-                                        {a: [c["attributes"].get(a) for c in train] for a in names})
-        labels = {a: [c["attributes"].get(a) for c in held] for a in names}
-        on_gen = attribute_accuracy(fit, torch.from_numpy(gen_e), labels)
-        on_real = attribute_accuracy(fit, torch.from_numpy(real_e), labels)
-        return {a: {**on_gen[a], "real_accuracy": on_real[a]["accuracy"]} for a in on_gen}
+    def _back_end(self, ctx: StageContext, held: list[dict], pkg: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """What the generator's back end alone loses: the held-out real mels through the
+        vocoder, and through the VAE round trip and the vocoder."""
+        pipe = registry.load_pipeline(packaged_model_uri(pkg), root=ctx.root, device="cpu")
+        with torch.no_grad():
+            mel = torch.from_numpy(np.stack([c["mel"] for c in held]))  # (N, n_mels, T)
+            vocoded = [w.numpy() for w in pipe.vocoder(mel)]
+            roundtrip = [w.numpy() for w in pipe.vocoder(pipe.vae.decode(pipe.vae.encode(mel).mean))]
+        return vocoded, roundtrip
 
-    def _sweep(self, ctx, held, out_dir, embedder, real_f, pkg) -> dict:
+    def _sweep(self, ctx, held, out_dir, embedder, real_fd, pkg) -> dict:
         """FD and time per clip at each of ``evaluate.sweep_steps`` (the paper: ~10 steps suffice)."""
         out = {}
         for steps in ctx.cfg.evaluate.sweep_steps:
             waves, seconds = self._generate(ctx, held, out_dir, f"sweep/steps-{steps:04d}", steps, pkg)
-            out[steps] = {"fd": frechet_distance_from_embeddings(embed(embedder, waves, ctx.cfg.mel.sample_rate)[0],
-                                                                 real_f), "seconds_per_clip": seconds}
+            fd = frechet_distance_from_embeddings(embed(embedder, waves, ctx.cfg.mel.sample_rate).fd, real_fd)
+            out[steps] = {"fd": fd, "seconds_per_clip": seconds}
             print(f"[evaluate] {steps} steps: fd {out[steps]['fd']:.4g}, {seconds:.3f} s/clip", flush=True)
         return out
 
