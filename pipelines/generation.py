@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from lafma.data.captions import GenerationRow, plan_generation, read_caption_records
+from lafma.data.captions import GenerationRow, batches, plan_generation, read_caption_records
 from pipelines.core import storage
-from pipelines.core.stage import chunk, pending_shards, rejects_table, run_shards
+from pipelines.core.stage import pending_shards, rejects_table, run_shards
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("seed", pa.int64()), ("steps", pa.int32()),
@@ -81,23 +81,20 @@ class GenerateShard:
 
 
 def shards_of(rows: list[GenerationRow], batch_size: int) -> list[list[dict]]:
-    """Rows grouped by settings (one ``generate`` call each), then cut into batches, in a
-    stable order, so a re-run cuts the same shards."""
-    groups: dict[tuple, list[GenerationRow]] = {}
-    for r in rows:
-        groups.setdefault((r.steps, r.guidance, r.solver, r.duration), []).append(r)
-    return [[r.to_dict() for r in part] for key in sorted(groups) for part in chunk(groups[key], batch_size)]
+    """One shard per :func:`lafma.data.captions.batches` batch: a re-run cuts the same shards."""
+    return [[r.to_dict() for r in part] for part in batches(rows, batch_size)]
 
 
 def model_defaults(model: str, root: str) -> dict:
-    """The model's own sampler defaults: from a bundle's manifest without building anything;
-    a registry URI is loaded (its bundle is not local yet)."""
+    """The model's own sampler defaults (steps, guidance, solver, duration), from its bundle's
+    manifest: read in place from a bundle directory; for a registry URI, only that one file
+    is downloaded. Nothing is built."""
     from lafma.bundle import MANIFEST, read_manifest
-    from pipelines.core.registry import load_pipeline
+    from pipelines.core.registry import bundle_manifest
 
-    if os.path.isfile(os.path.join(model, MANIFEST)):
-        return dict(read_manifest(model)["config"]["sampler"])
-    return dict(load_pipeline(model, root=root).defaults)
+    local = os.path.isfile(os.path.join(model, MANIFEST))
+    sampler = (read_manifest(model) if local else bundle_manifest(model, root=root))["config"]["sampler"]
+    return {k: sampler[k] for k in ("steps", "guidance", "solver", "duration")}
 
 
 def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,

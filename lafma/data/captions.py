@@ -38,6 +38,11 @@ class GenerationRow:
     solver: str
     duration: float
 
+    @property
+    def settings(self) -> tuple[int, float, str, float]:
+        """What one ``generate`` call shares: (steps, guidance, solver, duration)."""
+        return self.steps, self.guidance, self.solver, self.duration
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -77,9 +82,15 @@ def read_caption_records(uri: str) -> tuple[list[dict[str, Any]], list[dict[str,
     return records, []
 
 
+def _missing(value: Any) -> bool:
+    """A cell with no value: None, NaN, pandas' NA (without importing pandas) or ""."""
+    return (value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and value == "")
+            or type(value).__name__ == "NAType")
+
+
 def _number(value: Any, cast: type, default: Any) -> Any:
     """``default`` for a missing cell (None, NaN, ""), else ``cast(value)`` (may raise ValueError)."""
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return default
     out = cast(float(value)) if cast is int else cast(value)
     if isinstance(out, float) and not math.isfinite(out):
@@ -106,7 +117,7 @@ def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int,
     seen: set[str] = set()
     for n, rec in enumerate(records, 1):
         rid = rec.get("id")
-        rid = f"row-{n:06d}" if rid is None or str(rid).strip() == "" else str(rid)
+        rid = f"row-{n:06d}" if _missing(rid) or str(rid).strip() == "" else str(rid)
 
         def reject(reason: str, detail: str = "", rid: str = rid) -> None:
             rejects.append({"id": rid.encode("utf-8", "replace").decode("utf-8"), "reason": reason, "detail": detail[:200]})
@@ -126,7 +137,7 @@ def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int,
         except (TypeError, ValueError) as e:
             reject("bad_setting", str(e))
             continue
-        row_solver = str(rec.get("solver") or solver)
+        row_solver = solver if _missing(rec.get("solver")) else str(rec["solver"])
         if not 0 < row_duration <= MAX_DURATION_SECONDS:
             reject("bad_duration", f"{row_duration} s is outside (0, {MAX_DURATION_SECONDS:g}]")
         elif not 1 <= row_steps <= MAX_STEPS:
@@ -141,3 +152,13 @@ def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int,
                                       derive_seed(job_seed, rid) if seed is None else seed % 2**31,
                                       row_steps, row_guidance, row_solver, row_duration))
     return rows, rejects
+
+
+def batches(rows: list[GenerationRow], batch_size: int) -> list[list[GenerationRow]]:
+    """Rows grouped by :attr:`GenerationRow.settings` (one ``generate`` call takes one of each),
+    each group cut into batches of at most ``batch_size`` rows, groups in sorted order: the same
+    rows always give the same batches (a resumed job cuts the shards it cut before)."""
+    groups: dict[tuple, list[GenerationRow]] = {}
+    for r in rows:
+        groups.setdefault(r.settings, []).append(r)
+    return [groups[key][i : i + batch_size] for key in sorted(groups) for i in range(0, len(groups[key]), batch_size)]

@@ -16,6 +16,7 @@ import datetime as dt
 import getpass
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from lafma.data.captions import batches, plan_generation
 from pipelines.core import tracking
 
 MODEL_NAME = "lafma"
@@ -33,11 +35,19 @@ PYFUNC_CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 GATE_METRIC, GATE_VALUE, GATE_MODE = "lafma.gate.metric", "lafma.gate.value", "lafma.gate.mode"
 INPUT_COLUMNS = {"caption": "string", "seed": "long", "steps": "long", "guidance": "double", "solver": "string",
                  "duration": "double"}
+# Clips per pipeline call in ``predict``: batch generation's default (GenerationSettings),
+# so one large request holds no more in memory than one shard of a batch job.
+PREDICT_BATCH = 8
 
 
 class LafmaModel(mlflow.pyfunc.PythonModel):
     """The pyfunc: a table of captions (optional seed, steps, guidance, solver, duration per
-    row) in, a table with each row's audio (float32 list), sample rate, seed and NFE out."""
+    row) in, a table with each row's audio (float32 list), sample rate, seed and NFE out.
+
+    Rows are checked as batch generation checks them (:func:`lafma.data.captions.plan_generation`);
+    a table with any row that cannot be generated raises ``ValueError`` naming every such row
+    and why, and generates nothing.
+    """
 
     def load_context(self, context) -> None:
         import torch
@@ -51,36 +61,40 @@ class LafmaModel(mlflow.pyfunc.PythonModel):
         return generate_frame(self.pipe, pd.DataFrame(model_input))
 
 
-def generate_frame(pipe, frame: pd.DataFrame, batch_size: int = 8) -> pd.DataFrame:
+def generate_frame(pipe, frame: pd.DataFrame, batch_size: int = PREDICT_BATCH) -> pd.DataFrame:
     """Generate every row of ``frame`` (see :class:`LafmaModel`); rows sharing settings are batched.
 
-    A row without a seed gets one from its position, so a table always yields the same audio.
+    Rows are planned by :func:`lafma.data.captions.plan_generation`, with the pipeline's
+    defaults for what a row leaves out. A row without a seed gets its position (0, 1, ...), so
+    a table always yields the same audio.
+
+    Raises:
+        ValueError: no ``caption`` column, or rows that batch generation would reject; the
+            message names each (``row-000002``: the second row, or its ``id``) with its reason.
     """
     if "caption" not in frame.columns:
         raise ValueError(f"the input needs a 'caption' column; got {list(frame.columns)}")
     d = pipe.defaults
-
-    def get(r: dict, k: str, default):
-        v = r.get(k)
-        return default if v is None or (isinstance(v, float) and np.isnan(v)) else v
-
-    rows = []
-    for i, r in enumerate(frame.to_dict("records")):
-        rows.append({"caption": str(r["caption"]), "seed": int(get(r, "seed", i)),
-                     "steps": int(get(r, "steps", d["steps"])), "guidance": float(get(r, "guidance", d["guidance"])),
-                     "solver": str(get(r, "solver", d["solver"])), "duration": float(get(r, "duration", d["duration"]))})
+    records = frame.to_dict("records")
+    for i, r in enumerate(records):
+        seed = r.get("seed")
+        if seed is None or (pd.api.types.is_scalar(seed) and pd.isna(seed)):
+            r["seed"] = i
+    rows, rejects = plan_generation(records, job_seed=0, steps=d["steps"], guidance=d["guidance"],
+                                    solver=d["solver"], duration=d["duration"])
+    if rejects:
+        raise ValueError(f"{len(rejects)} of {len(records)} rows cannot be generated: " + "; ".join(
+            f"{r['id']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "") for r in rejects))
+    position = {r.id: i for i, r in enumerate(rows)}  # every row was kept: planned rows are in input order
     out: list[dict | None] = [None] * len(rows)
-    groups: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        groups.setdefault((r["steps"], r["guidance"], r["solver"], r["duration"]), []).append(i)
-    for (steps, guidance, solver, duration), idx in groups.items():
-        for start in range(0, len(idx), batch_size):
-            part = idx[start : start + batch_size]
-            gen = pipe.generate([rows[i]["caption"] for i in part], seeds=[rows[i]["seed"] for i in part],
-                                steps=steps, guidance=guidance, solver=solver, duration=duration)
-            for j, i in enumerate(part):
-                out[i] = {**rows[i], "nfe": gen.nfe, "sample_rate": gen.sample_rate,
-                          "audio": gen.audio[j].numpy().astype(np.float32)}
+    for part in batches(rows, batch_size):
+        steps, guidance, solver, duration = part[0].settings
+        gen = pipe.generate([r.caption for r in part], seeds=[r.seed for r in part], steps=steps,
+                            guidance=guidance, solver=solver, duration=duration)
+        for r, audio in zip(part, gen.audio):
+            out[position[r.id]] = {"caption": r.caption, "seed": r.seed, "steps": r.steps, "guidance": r.guidance,
+                                   "solver": r.solver, "duration": r.duration, "nfe": gen.nfe,
+                                   "sample_rate": gen.sample_rate, "audio": audio.numpy().astype(np.float32)}
     return pd.DataFrame(out)
 
 
@@ -202,6 +216,21 @@ def rollback(*, root: str, reason: str, by: str | None = None) -> str:
         raise ValueError(f"champion v{champ.version} replaced no earlier version; nothing to roll back to")
     promote(prev, root=root, reason=f"rollback from v{champ.version}: {reason}", by=by)
     return str(prev)
+
+
+def bundle_manifest(uri: str, *, root: str) -> dict:
+    """The bundle manifest (``lafma.json``) of a logged model (``models:/…``, ``runs:/…`` or a
+    downloaded pyfunc directory) without loading it: only the model's ``MLmodel`` file (where
+    the bundle lies inside the model) and that one file are downloaded."""
+    from mlflow.models import Model
+
+    from lafma.bundle import MANIFEST, read_manifest
+
+    tracking.configure(root)
+    bundle = Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]  # e.g. artifacts/bundle
+    with tempfile.TemporaryDirectory(prefix="lafma-manifest-") as tmp:
+        file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{bundle}/{MANIFEST}", dst_path=tmp)
+        return read_manifest(os.path.dirname(file))
 
 
 def load_pipeline(uri: str, *, root: str, device: str | None = None):

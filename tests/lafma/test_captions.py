@@ -9,7 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lafma.data.captions import derive_seed, plan_generation, read_caption_records, safe_name
+from lafma.data.captions import (
+    batches,
+    derive_seed,
+    plan_generation,
+    read_caption_records,
+    safe_name,
+)
 
 DEFAULTS = dict(job_seed=7, steps=10, guidance=3.0, solver="euler", duration=2.56)
 
@@ -62,6 +68,25 @@ def test_non_utf8_lines_of_a_text_file_are_rejected(tmp_path):
     rows, rejects = plan(read_caption_records(str(path))[0])
     assert [r.caption for r in rows] == ["a fine caption", "another"]
     assert rejects == [{"id": "line-000002", "reason": "caption_not_utf8", "detail": ""}]
+
+
+def test_missing_cells_of_a_table_take_the_job_settings():
+    # What pandas gives for the cells a row leaves empty: NaN in float columns, None in others.
+    nan = float("nan")
+    rows, rejects = plan([{"id": nan, "caption": "a bell", "solver": nan, "steps": nan, "seed": None},
+                          {"id": None, "caption": "a dog", "solver": "heun", "steps": 4.0, "seed": 3.0}])
+    assert not rejects
+    assert [(r.id, r.solver, r.steps) for r in rows] == [("row-000001", "euler", 10), ("row-000002", "heun", 4)]
+    assert rows[0].seed == derive_seed(7, "row-000001") and rows[1].seed == 3
+
+
+def test_batches_share_settings_and_are_cut_the_same_way_every_time():
+    records = [{"id": f"r{i}", "caption": "c", "steps": 4 if i % 3 == 0 else None} for i in range(7)]
+    rows, _ = plan(records)
+    cut = batches(rows, 2)
+    assert [[r.id for r in part] for part in cut] == [["r0", "r3"], ["r6"], ["r1", "r2"], ["r4", "r5"]]
+    assert all(len({r.settings for r in part}) == 1 for part in cut)
+    assert batches(list(reversed(rows)), 2) != cut and batches(rows, 2) == cut  # order in, order out
 
 
 def test_seeds_depend_on_the_row_id_and_job_seed_only():

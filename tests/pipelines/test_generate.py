@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines.generation import GenerationSettings, run_generation
 
@@ -81,3 +82,59 @@ def test_a_killed_batch_job_rerun_yields_every_row_once(trained, tmp_path):
     assert sorted(r["id"] for r in manifest) == [f"line-{i:06d}" for i in range(1, n + 1)]
     assert len(list((out / "wavs").glob("*.wav"))) == n
     assert "real time" in rerun.stdout and "RTF" in rerun.stdout
+
+
+@pytest.fixture(scope="module")
+def random_pipeline():
+    """The test config's generator with random weights: enough to check how rows are planned."""
+    import torch
+
+    from lafma.models import build_pipeline
+    from pipelines.config import load_pipeline_config
+
+    torch.manual_seed(0)
+    return build_pipeline(load_pipeline_config(ROOT / "configs" / "test.yaml"))
+
+
+def test_the_pyfunc_plans_rows_as_batch_generation_does(random_pipeline):
+    import numpy as np
+    import pandas as pd
+
+    from pipelines.core.registry import generate_frame
+
+    nan = float("nan")
+    frame = pd.DataFrame({"caption": ["  a bell   rings ", "a dog", "a dog"], "seed": [nan, 5.0, 5.0],
+                          "steps": [2, 2, 2], "solver": [None, "heun", "heun"]})
+    out = generate_frame(random_pipeline, frame)
+    assert list(out.columns) == ["caption", "seed", "steps", "guidance", "solver", "duration", "nfe", "sample_rate",
+                                 "audio"]
+    assert out["caption"][0] == "a bell rings"  # whitespace normalised, as in batch generation
+    assert list(out["seed"]) == [0, 5, 5] and list(out["solver"]) == ["euler", "heun", "heun"]  # a row's position seeds it
+    assert list(out["nfe"]) == [4, 8, 8] and np.array_equal(out["audio"][1], out["audio"][2])
+
+    bad = pd.DataFrame({"caption": ["a bell", "   ", "a dog", "rain"], "steps": [2, 2, 0, 2],
+                        "solver": ["euler", "euler", "euler", "magic"]})
+    with pytest.raises(ValueError, match=r"3 of 4 rows cannot be generated") as err:
+        generate_frame(random_pipeline, bad)
+    for text in ("row-000002: empty_caption", "row-000003: bad_steps (0 is outside [1, 1000])",
+                 "row-000004: bad_solver ('magic'"):
+        assert text in str(err.value)
+    with pytest.raises(ValueError, match="'caption' column"):
+        generate_frame(random_pipeline, pd.DataFrame({"text": ["a bell"]}))
+
+
+def test_a_registry_uri_gives_its_sampler_defaults_from_the_manifest_alone(trained, monkeypatch):
+    from pipelines.core import registry
+    from pipelines.generation import model_defaults
+
+    root, cfg, reports = trained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model_defaults built the model")
+
+    monkeypatch.setattr(registry, "load_pipeline", refuse)
+    monkeypatch.setattr("lafma.bundle.load_bundle", refuse)
+    want = {"steps": cfg.sampler.steps, "guidance": cfg.sampler.guidance, "solver": cfg.sampler.solver,
+            "duration": cfg.sampler.duration}
+    for model in ("models:/lafma/1", "models:/lafma@champion", reports["package"].info["bundle"]):
+        assert model_defaults(model, str(root)) == want, model
