@@ -4,14 +4,44 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from lafma.config import MAX_DURATION_SECONDS
-from lafma.flow import ClassifierFreeGuidance, solve
+from lafma.flow import ClassifierFreeGuidance, Solution, solve
+
+
+def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tensor, context_mask: Tensor, *,
+                   guidance: float, null_condition: tuple[Tensor, Tensor] | None = None, solver: str = "euler",
+                   steps: int = 10, rtol: float = 1e-4, atol: float = 1e-4) -> Solution:
+    """Noise → latent: integrate dx/dt = u(x, t, c) from t = 0 (noise) to t = 1 (data), guided.
+
+    What inference and the LFM job's training-time samples share, so that a sample logged
+    during training is what :meth:`LafmaPipeline.generate` would make of the same noise.
+
+    Args:
+        velocity: u(x, t, context=, context_mask=), e.g. the (EMA) UNet.
+        noise: x0, (B, C, T', F').
+        context, context_mask: caption embeddings (B, L, D) and mask (B, L).
+        guidance: classifier-free guidance weight w; at 1 the conditional model alone (one
+            evaluation per call instead of two).
+        null_condition: the empty caption's (embedding (1, L0, D), mask (1, L0)); needed
+            unless ``guidance`` is 1.
+        solver, steps, rtol, atol: see :func:`lafma.flow.solve`.
+
+    Returns:
+        The :class:`~lafma.flow.Solution`: ``x`` (B, C, T', F') scaled latents and ``nfe``.
+    """
+    if guidance != 1.0:
+        if null_condition is None:
+            raise ValueError(f"guidance {guidance} needs the empty caption's embedding (null_condition)")
+        null_context, null_mask = (t.to(noise.device) for t in null_condition)
+        velocity = ClassifierFreeGuidance(velocity, guidance, null_context, null_mask)
+    return solve(velocity, noise, method=solver, steps=steps, rtol=rtol, atol=atol, context=context,
+                 context_mask=context_mask)
 
 
 @dataclass
@@ -125,13 +155,10 @@ class LafmaPipeline(nn.Module):
 
         context, mask = self.text_encoder(captions)
         context, mask = context.to(self.device), mask.to(self.device)
-        velocity = self.unet
-        if guidance != 1.0:
-            null_context, null_mask = self.text_encoder([""])
-            velocity = ClassifierFreeGuidance(self.unet, guidance, null_context.to(self.device), null_mask.to(self.device))
-        x0 = self.noise(seeds, self.latent_shape(duration))
-        sol = solve(velocity, x0, method=solver, steps=steps, rtol=self.rtol, atol=self.atol,
-                    context=context, context_mask=mask)
+        null = self.text_encoder([""]) if guidance != 1.0 else None
+        x0 = self.noise(seeds, self.latent_shape(duration))  # (B, C, T', F')
+        sol = sample_latents(self.unet, x0, context, mask, guidance=guidance, null_condition=null, solver=solver,
+                             steps=steps, rtol=self.rtol, atol=self.atol)
         mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
         audio = self._vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:

@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lafma.flow import ClassifierFreeGuidance, solve
 from lafma.models import build_pipeline, build_unet
+from lafma.pipeline import sample_latents
 from pipelines.config import load_pipeline_config
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
@@ -76,3 +78,20 @@ def test_seeds_are_returned_when_drawn_and_checked_when_given(pipe):
 def test_empty_caption_is_a_valid_input(pipe):
     out = pipe.generate([""], seeds=[0], duration=0.32, steps=2)
     assert torch.isfinite(out.audio).all()
+
+
+def test_generate_samples_its_latents_with_sample_latents(pipe):
+    """The LFM job's training-time samples call the same function: it must be generate's ODE."""
+    out = pipe.generate(["a dog barks"], seeds=[3], duration=0.32, steps=2, guidance=2.0)
+    ctx, mask = pipe.text_encoder(["a dog barks"])
+    null = pipe.text_encoder([""])
+    x0 = pipe.noise([3], pipe.latent_shape(0.32))
+    with torch.no_grad():
+        sol = sample_latents(pipe.unet, x0, ctx, mask, guidance=2.0, null_condition=null, steps=2)
+        by_hand = solve(ClassifierFreeGuidance(pipe.unet, 2.0, *null), x0, steps=2, context=ctx, context_mask=mask)
+        plain = sample_latents(pipe.unet, x0, ctx, mask, guidance=1.0, steps=2)  # no empty caption needed
+    torch.testing.assert_close(sol.x, out.latents)
+    torch.testing.assert_close(sol.x, by_hand.x)
+    assert sol.nfe == out.nfe == 4 and plain.nfe == 2
+    with pytest.raises(ValueError, match="empty caption"):
+        sample_latents(pipe.unet, x0, ctx, mask, guidance=2.0)
