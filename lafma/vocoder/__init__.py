@@ -8,6 +8,7 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from lafma.config import HiFiGANConfig, MelConfig
+from lafma.train.losses import weighted_sum
 from lafma.vocoder.discriminators import (
     HiFiGANDiscriminator,
     MultiPeriodDiscriminator,
@@ -23,7 +24,6 @@ from lafma.vocoder.losses import (
     generator_losses,
     loss_weights,
     mel_l1_loss,
-    weighted_sum,
 )
 
 

@@ -2,13 +2,14 @@
 
 Each term is an unweighted scalar; :func:`generator_losses` and :func:`discriminator_losses`
 return them in a dict keyed like descript-audio-codec (``"mel/l1"``, ``"adv/gen"``,
-``"adv/feat"``, ``"adv/disc"``) so they can be logged as-is, and :func:`weighted_sum` applies
-the lambdas (:func:`loss_weights` reads them from :class:`HiFiGANLossConfig`).
+``"adv/feat"``, ``"adv/disc"``) so they can be logged as-is, and
+:func:`lafma.train.losses.weighted_sum` (shared with the VAE) applies the lambdas that
+:func:`loss_weights` reads from :class:`HiFiGANLossConfig`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,22 +118,7 @@ def discriminator_losses(disc: nn.Module, wav_real: Tensor, wav_fake: Tensor) ->
 
 
 def loss_weights(cfg: HiFiGANLossConfig) -> dict[str, float]:
-    """Lambdas for :func:`weighted_sum`, keyed like the loss dicts."""
+    """Lambdas for :func:`lafma.train.losses.weighted_sum`, keyed like the loss dicts (one dict
+    serves both steps)."""
     return {"mel/l1": cfg.lambda_mel, "adv/feat": cfg.lambda_feat, "adv/gen": cfg.lambda_adv,
             "adv/disc": 1.0}
-
-
-def weighted_sum(losses: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
-    """Sum of ``weights[k] * losses[k]`` over the keys both share.
-
-    Keys only in ``weights`` are skipped, so one weight dict serves the generator and the
-    discriminator steps (as in descript-audio-codec); a loss without a weight is logged but
-    not optimised.
-
-    Raises:
-        ValueError: If no key is shared (almost certainly a typo).
-    """
-    keys = [k for k in weights if k in losses]
-    if not keys:
-        raise ValueError(f"no weighted loss among {sorted(losses)}; weights have {sorted(weights)}")
-    return torch.stack([weights[k] * losses[k] for k in keys]).sum()
