@@ -120,7 +120,12 @@ def write_bundle(out_dir: str, *, components: Mapping[str, Mapping[str, Any]], w
     return manifest
 
 
-def read_manifest(path: str) -> dict:
+def read_bundle_manifest(path: str) -> dict:
+    """The manifest (``lafma.json``) of the bundle directory ``path``, format-checked.
+
+    Raises:
+        BundleError: no manifest, or a format this code does not read.
+    """
     file = os.path.join(path, MANIFEST)
     if not os.path.isfile(file):
         raise BundleError(f"{path} is not a LAFMA bundle: no {MANIFEST}")
@@ -138,7 +143,7 @@ def check_bundle(path: str) -> dict:
         BundleError: a file is missing, or a component's mel hash (in its manifest entry, its
             config or its weights' metadata) differs from the bundle's.
     """
-    manifest = read_manifest(path)
+    manifest = read_bundle_manifest(path)
     want = manifest["mel_hash"]
     for c in COMPONENTS:
         entry = manifest["components"].get(c)

@@ -27,7 +27,8 @@ from lafma.data.captions import GenerationRow, batches, plan_generation, read_ca
 from pipelines.core import storage
 from pipelines.core.stage import pending_shards, rejects_table, run_shards
 
-MANIFEST_SCHEMA = pa.schema([
+# One row per generated clip: manifest.parquet / manifest.csv (not the data manifest of ingest).
+GENERATION_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("seed", pa.int64()), ("steps", pa.int32()),
     ("guidance", pa.float64()), ("solver", pa.string()), ("nfe", pa.int32()), ("duration", pa.float64()),
     ("path", pa.string()), ("seconds", pa.float64()),
@@ -75,7 +76,7 @@ class GenerateShard:
             records.append({"id": r.id, "caption": r.caption, "seed": r.seed, "steps": r.steps,
                             "guidance": r.guidance, "solver": r.solver, "nfe": gen.nfe,
                             "duration": r.duration, "path": path, "seconds": round(seconds, 4)})
-        part = pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA)
+        part = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
         storage.write_parquet(storage.join(self.out, "parts", f"shard-{shard:05d}.parquet"), part)  # last
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
@@ -89,11 +90,11 @@ def model_defaults(model: str, root: str) -> dict:
     """The model's own sampler defaults (steps, guidance, solver, duration), from its bundle's
     manifest: read in place from a bundle directory; for a registry URI, only that one file
     is downloaded. Nothing is built."""
-    from lafma.bundle import MANIFEST, read_manifest
+    from lafma.bundle import MANIFEST, read_bundle_manifest
     from pipelines.core.registry import bundle_manifest
 
     local = os.path.isfile(os.path.join(model, MANIFEST))
-    sampler = (read_manifest(model) if local else bundle_manifest(model, root=root))["config"]["sampler"]
+    sampler = (read_bundle_manifest(model) if local else bundle_manifest(model, root=root))["config"]["sampler"]
     return {k: sampler[k] for k in ("steps", "guidance", "solver", "duration")}
 
 
@@ -125,7 +126,7 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
         _run(out, shards, todo, s, root)
     wall = time.time() - t0
     manifest = storage.read_parquet_dir(storage.join(out, "parts"), columns=None)
-    manifest = manifest.sort_by("id") if manifest.num_rows else MANIFEST_SCHEMA.empty_table()
+    manifest = manifest.sort_by("id") if manifest.num_rows else GENERATION_SCHEMA.empty_table()
     storage.write_parquet(storage.join(out, "manifest.parquet"), manifest)
     csv = io.BytesIO()
     import pyarrow.csv as pacsv

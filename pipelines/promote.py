@@ -26,8 +26,8 @@ def show(root: str) -> str:
     lines = [f"{'version':>8}  {'aliases':<20} {'gate metric':<20} {'value':>10}  promoted by / why"]
     for v in sorted(client.search_model_versions(f"name='{registry.MODEL_NAME}'"), key=lambda v: int(v.version)):
         t = v.tags
-        lines.append(f"{v.version:>8}  {','.join(v.aliases):<20} {t.get(registry.GATE_METRIC, ''):<20} "
-                     f"{float(t.get(registry.GATE_VALUE, 'nan')):>10.5g}  "
+        lines.append(f"{v.version:>8}  {','.join(v.aliases):<20} {t.get(registry.GATE_METRIC_TAG, ''):<20} "
+                     f"{float(t.get(registry.GATE_VALUE_TAG, 'nan')):>10.5g}  "
                      f"{t.get('lafma.promoted_by', '')} {t.get('lafma.promoted_reason', '')}".rstrip())
     return "\n".join(lines)
 

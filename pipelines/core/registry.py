@@ -32,7 +32,7 @@ MODEL_NAME = "lafma"
 CANDIDATE, CHAMPION = "candidate", "champion"
 PYFUNC_CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lafma_pyfunc.py")
 # Version tags. The gate metric travels with the version so any two versions can be compared.
-GATE_METRIC, GATE_VALUE, GATE_MODE = "lafma.gate.metric", "lafma.gate.value", "lafma.gate.mode"
+GATE_METRIC_TAG, GATE_VALUE_TAG, GATE_MODE_TAG = "lafma.gate.metric", "lafma.gate.value", "lafma.gate.mode"
 INPUT_COLUMNS = {"caption": "string", "seed": "long", "steps": "long", "guidance": "double", "solver": "string",
                  "duration": "double"}
 # Clips per pipeline call in ``predict``: batch generation's default (GenerationSettings),
@@ -129,8 +129,8 @@ def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_
                               "safetensors", "transformers", "torchaudio", "soundfile"])
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    all_tags = {**(tags or {}), GATE_METRIC: gate_metric, GATE_VALUE: repr(float(gate_value)),
-                GATE_MODE: "min" if lower_is_better else "max", "lafma.run_id": run_id}
+    all_tags = {**(tags or {}), GATE_METRIC_TAG: gate_metric, GATE_VALUE_TAG: repr(float(gate_value)),
+                GATE_MODE_TAG: "min" if lower_is_better else "max", "lafma.run_id": run_id}
     for k, v in all_tags.items():
         client.set_model_version_tag(MODEL_NAME, version, k, str(v))
     client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)
@@ -140,7 +140,7 @@ def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_
 def set_gate(version: str, *, root: str, metric: str, value: float, lower_is_better: bool = True) -> None:
     """Replace a version's gate metric (the evaluation stage's, once it has measured one)."""
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    for k, v in {GATE_METRIC: metric, GATE_VALUE: repr(float(value)), GATE_MODE: "min" if lower_is_better else "max"}.items():
+    for k, v in {GATE_METRIC_TAG: metric, GATE_VALUE_TAG: repr(float(value)), GATE_MODE_TAG: "min" if lower_is_better else "max"}.items():
         client.set_model_version_tag(MODEL_NAME, version, k, v)
 
 
@@ -168,17 +168,17 @@ def gate(*, root: str, version: str | None = None) -> Decision:
     if cand is None:
         raise ValueError(f"no {CANDIDATE!r} version of {MODEL_NAME!r} to gate")
     champ = _alias_version(client, CHAMPION)
-    metric, value, mode = cand.tags.get(GATE_METRIC), float(cand.tags.get(GATE_VALUE, "nan")), cand.tags.get(GATE_MODE)
+    metric, value, mode = cand.tags.get(GATE_METRIC_TAG), float(cand.tags.get(GATE_VALUE_TAG, "nan")), cand.tags.get(GATE_MODE_TAG)
     cand_v, champ_v = str(cand.version), (str(champ.version) if champ else None)
     if champ is None:
         ok, why = True, f"no champion yet; {metric} = {value:.6g}"
     elif champ_v == cand_v:
         return Decision(False, f"version {cand_v} is already the champion", cand_v, champ_v)
-    elif champ.tags.get(GATE_METRIC) != metric:
-        ok, why = False, (f"champion v{champ.version} is gated on {champ.tags.get(GATE_METRIC)!r}, candidate on "
+    elif champ.tags.get(GATE_METRIC_TAG) != metric:
+        ok, why = False, (f"champion v{champ.version} is gated on {champ.tags.get(GATE_METRIC_TAG)!r}, candidate on "
                           f"{metric!r}: not comparable; promote by hand (pipelines/promote.py) if intended")
     else:
-        best = float(champ.tags.get(GATE_VALUE, "nan"))
+        best = float(champ.tags.get(GATE_VALUE_TAG, "nan"))
         ok = bool(value < best if mode == "min" else value > best)  # NaN never wins
         why = (f"{metric}: candidate {value:.6g} {'beats' if ok else 'does not beat'} champion v{champ.version} "
                f"{best:.6g} ({'lower' if mode == 'min' else 'higher'} is better)")
@@ -224,13 +224,13 @@ def bundle_manifest(uri: str, *, root: str) -> dict:
     the bundle lies inside the model) and that one file are downloaded."""
     from mlflow.models import Model
 
-    from lafma.bundle import MANIFEST, read_manifest
+    from lafma.bundle import MANIFEST, read_bundle_manifest
 
     tracking.configure(root)
     bundle = Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]  # e.g. artifacts/bundle
     with tempfile.TemporaryDirectory(prefix="lafma-manifest-") as tmp:
         file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{bundle}/{MANIFEST}", dst_path=tmp)
-        return read_manifest(os.path.dirname(file))
+        return read_bundle_manifest(os.path.dirname(file))
 
 
 def load_pipeline(uri: str, *, root: str, device: str | None = None):

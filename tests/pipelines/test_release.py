@@ -69,7 +69,7 @@ def test_evaluate_scores_the_candidate_and_hands_its_metric_to_the_gate(trained)
     assert {"attr/kind/accuracy", "attr/kind/chance", "attr/register/real_accuracy"} <= set(m)
     assert ev["embedder"]["embedder"] == "aisfx-0.1.2" and len(ev["embedder"]["embedder_sha256"]) == 64
     v = client(root).get_model_version(registry.MODEL_NAME, ev["model_version"])
-    assert v.tags[registry.GATE_METRIC] == "fd/aisfx-0.1.2" and float(v.tags[registry.GATE_VALUE]) == m["eval/fd"]
+    assert v.tags[registry.GATE_METRIC_TAG] == "fd/aisfx-0.1.2" and float(v.tags[registry.GATE_VALUE_TAG]) == m["eval/fd"]
     assert reports["promote"].info["reason"].startswith("no champion yet; fd/aisfx-0.1.2")
     assert sorted(int(k) for k in ev["sweep"]) == [1, 2]
     run = ev["run_id"]
