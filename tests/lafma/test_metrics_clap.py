@@ -17,7 +17,13 @@ import pytest
 import torch
 
 from lafma.metrics import clap_score
-from lafma.metrics.embedders import CheckpointFormatError, ClapModel
+from lafma.metrics.embedders import (
+    EMBEDDERS,
+    AudioEmbedder,
+    CheckpointFormatError,
+    ClapModel,
+    build_embedder,
+)
 from lafma.metrics.embedders.clap import CLIP_SAMPLES, fit_clip, quantize_int16
 from lafma.metrics.embedders.htsat import HTSAT, HTSATConfig, SwinBlock, unstack_chunks
 
@@ -267,6 +273,25 @@ def test_pann14_checkpoint_embeds_audio_through_the_cnn14_branch(text_parts, tmp
     a = clap.embed_audio(_noise(2, 3 * 48000), 48000)
     assert a.shape == (2, JOINT) and torch.isfinite(a).all()
     assert -1 <= clap_score(clap.embed_text(["a", "b"]), a) <= 1
+
+
+def test_the_clap_embedder_is_the_audio_tower_behind_the_embedder_interface(small_htsat_file):
+    """``evaluate.embedder: clap``: built by name from a published-layout checkpoint, no text tower."""
+    assert "clap" in EMBEDDERS
+    emb = build_embedder("clap", small_htsat_file)
+    assert isinstance(emb, AudioEmbedder) and emb.clap.text_branch is None
+    assert emb.describe() == {"embedder": "laion-clap-htsat", "embedder_sha256": ClapModel(small_htsat_file).weights_sha256,
+                              "embedder_dim": JOINT, "embedder_classes": 0}
+    waves = torch.stack([_noise(12 * 16000, seed=11), _noise(12 * 16000, seed=12)])  # 12 s at 16 kHz: cut to 10 s
+    e = emb.embed(waves, 16000)
+    assert e.shape == (2, JOINT) and emb.fd_features(waves, 16000).shape == (2, JOINT)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(2))
+    # The same 10 s LAION-CLAP would embed with this window, and the same alone as in a batch.
+    want = emb.clap.embed_audio(waves[:1], 16000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(e[:1], want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(emb.embed(waves[1], 16000), e[1:], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="without its text tower"):
+        emb.clap.embed_text_ids(torch.zeros(1, 77, dtype=torch.long), torch.ones(1, 77, dtype=torch.long))
 
 
 # ------------------------------------------------------------------ refusals

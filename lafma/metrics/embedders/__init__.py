@@ -7,13 +7,14 @@ import os
 from lafma.metrics.embedders.aisfx import AisfxEmbedder, convert_aisfx, ensure_aisfx_weights
 from lafma.metrics.embedders.base import AudioEmbedder
 from lafma.metrics.embedders.checkpoints import CheckpointFormatError, sha256_file
-from lafma.metrics.embedders.clap import ClapModel, read_clap_state
+from lafma.metrics.embedders.clap import ClapEmbedder, ClapModel, read_clap_state
 from lafma.metrics.embedders.panns import PannsCnn14Embedder
 from lafma.metrics.embedders.vggish import VGGishEmbedder
 
 # kind -> constructor taking the weight file first. Explicit, never import-by-string.
 EMBEDDERS = {
     "aisfx": AisfxEmbedder,
+    "clap": ClapEmbedder,
     "panns_cnn14_16k": lambda path, **kw: PannsCnn14Embedder(path, preset="16k", **kw),
     "panns_cnn14_32k": lambda path, **kw: PannsCnn14Embedder(path, preset="32k", **kw),
     "vggish": VGGishEmbedder,
@@ -32,6 +33,7 @@ __all__ = [
     "AisfxEmbedder",
     "AudioEmbedder",
     "CheckpointFormatError",
+    "ClapEmbedder",
     "ClapModel",
     "PannsCnn14Embedder",
     "VGGishEmbedder",

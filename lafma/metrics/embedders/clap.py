@@ -16,7 +16,9 @@ type), both audio towers rebuilt in lafma and loaded strictly from ``audio_branc
 Cnn14, :mod:`lafma.metrics.embedders.panns`, for ``amodel="PANN-14"``), LAION-CLAP's audio
 preprocessing at 48 kHz, the text tower (RoBERTa rebuilt by ``transformers`` from the
 checkpoint's own shapes, with a tokenizer the user supplies from a local directory, since no
-hub is reachable), and both projection heads. What is not: feature-fusion checkpoints
+hub is reachable), and both projection heads. The audio side is the ``clap`` embedder of the
+evaluation (:class:`ClapEmbedder`, which does not build the text tower). What is not
+implemented: feature-fusion checkpoints
 (``630k-fusion-best.pt``, ``630k-audioset-fusion-best.pt``), whose audio branch adds a second
 convolutional path over three local 10 s crops; they are refused by name.
 
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lafma.metrics.embedders.base import resample_hq
+from lafma.metrics.embedders.base import AudioEmbedder, resample_hq
 from lafma.metrics.embedders.checkpoints import (
     CheckpointFormatError,
     check_state_dict,
@@ -224,6 +226,8 @@ class ClapModel(nn.Module):
             ``roberta-base`` tokenizer files; ``None`` leaves :meth:`embed_text` unusable
             (:meth:`embed_text_ids` still works).
         num_heads: attention heads of the text encoder when not ``hidden / 64``.
+        text: build the text tower (RoBERTa-base, 125 M parameters); without it only the
+            audio side works (:class:`ClapEmbedder`). Its layout is checked either way.
 
     Raises:
         CheckpointFormatError: the file is not in the published layout (names the keys).
@@ -232,7 +236,8 @@ class ClapModel(nn.Module):
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, checkpoint: str | os.PathLike, tokenizer: Any = None, num_heads: int | None = None):
+    def __init__(self, checkpoint: str | os.PathLike, tokenizer: Any = None, num_heads: int | None = None,
+                 text: bool = True):
         super().__init__()
         path = require_file(checkpoint, LAYOUT)
         state, self.audio_kind = read_clap_state(path)
@@ -246,7 +251,7 @@ class ClapModel(nn.Module):
         self.text_projection = _projection(state, "text").eval().requires_grad_(False)
         self.register_buffer("logit_scale_a", state["logit_scale_a"].float().reshape(()))
         self.register_buffer("logit_scale_t", state["logit_scale_t"].float().reshape(()))
-        self.text_branch = _roberta(state, path, num_heads)
+        self.text_branch = _roberta(state, path, num_heads) if text else None
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
@@ -265,6 +270,8 @@ class ClapModel(nn.Module):
     @torch.no_grad()
     def embed_text_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids (B, L) → unit-norm joint embeddings (B, 512), via RoBERTa's pooler output."""
+        if self.text_branch is None:
+            raise ValueError(f"{self.name} was built without its text tower (text=False)")
         pooled = self.text_branch(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         return nn.functional.normalize(self.text_projection(pooled), dim=-1)
 
@@ -328,3 +335,38 @@ class ClapModel(nn.Module):
         reproducible scores of clips longer than 10 s.
         """
         return self.project_audio(self.audio_features(wave, sample_rate, generator))
+
+
+class ClapEmbedder(AudioEmbedder):
+    """LAION-CLAP's audio tower as an :class:`AudioEmbedder` (``evaluate.embedder: clap``): one
+    unit-norm joint-space vector (512-d) per clip, LAION-CLAP's preprocessing included.
+
+    A clip longer than 10 s is cut to one window, as LAION-CLAP does, but each clip draws its
+    window from a generator seeded afresh (``crop_seed``), so a clip embeds the same whatever
+    batch it is in and on every run. No classifier head: LAION-CLAP's loss is contrastive only,
+    so the tagging head a checkpoint carries is not trained with the encoder it sits on; KL and
+    IS are not reported with this embedder.
+
+    Args:
+        checkpoint: a non-fusion LAION-CLAP checkpoint (``630k-audioset-best.pt``, ``630k-best.pt``).
+        crop_seed: seeds the window of clips longer than 10 s.
+    """
+
+    fd_unit = "clip"
+
+    def __init__(self, checkpoint: str | os.PathLike, crop_seed: int = 0):
+        super().__init__()
+        self.clap = ClapModel(checkpoint, text=False)
+        self.name, self.weights_sha256 = self.clap.name, self.clap.weights_sha256
+        self.sample_rate, self.dim, self.crop_seed = SAMPLE_RATE, self.clap.dim, crop_seed
+
+    @torch.no_grad()
+    def frame_embeddings(self, wave: Tensor, sample_rate: int | None = None) -> Tensor:
+        """(B, N) or (N,) at ``sample_rate`` (48 kHz when None) → (B, 1, 512)."""
+        x = torch.as_tensor(wave, dtype=torch.float32)
+        x = x.unsqueeze(0) if x.dim() == 1 else x
+        if x.dim() != 2:
+            raise ValueError(f"{self.name}: expected waveforms (B, N) or (N,), got shape {tuple(x.shape)}")
+        clips = torch.cat([self.clap.prepare_audio(c, sample_rate, torch.Generator().manual_seed(self.crop_seed))
+                           for c in x])  # (B, 480000): 10 s at 48 kHz each
+        return self.clap.project_audio(self.clap.audio_branch(clips)[0]).unsqueeze(1)  # (B, 512) -> (B, 1, 512)
