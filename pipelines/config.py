@@ -127,10 +127,11 @@ class EvaluateConfig:
 
     ``embedder: aisfx`` works offline (weights inside the ``aisfx`` wheel, this project's own
     scale); ``panns_cnn14_16k`` and ``vggish`` are the literature's protocol and need the
-    published checkpoint files (``embedder_weights``, and ``vggish_pca`` for VGGish).
+    published checkpoint files (``embedder_weights``, and ``vggish_pca`` for VGGish); ``clap``
+    is LAION-CLAP's audio tower (HTS-AT or PANN-14, read from the published checkpoint).
     """
 
-    embedder: Literal["aisfx", "panns_cnn14_16k", "panns_cnn14_32k", "vggish"] = "aisfx"
+    embedder: Literal["aisfx", "panns_cnn14_16k", "panns_cnn14_32k", "vggish", "clap"] = "aisfx"
     embedder_weights: str = ""
     vggish_pca: str = ""
     # Held-out clips (test and validation splits) scored, first by id.
