@@ -15,6 +15,7 @@ import soundfile as sf
 
 from pipelines.core import storage
 from pipelines.stages.release import copy_tree, packaged_model_uri
+from tests.lafma.test_bundle import small_t5_dir
 from tests.pipelines.conftest import BUCKET
 from tests.pipelines.dag_run import CONFIG
 
@@ -22,22 +23,6 @@ from tests.pipelines.dag_run import CONFIG
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root``, by its path relative to it."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def tiny_t5_dir(path: Path) -> Path:
-    """A T5 encoder small enough to bundle, saved as ``save_pretrained`` lays it out, with the
-    file-free byte tokenizer saved beside it."""
-    import torch
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
-
-    tokenizer = ByT5Tokenizer()
-    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                      dropout_rate=0.0, feed_forward_proj="gated-gelu")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        T5EncoderModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_copy_tree_copies_sub_folders_to_s3_byte_for_byte(s3_endpoint, tmp_path):
@@ -61,7 +46,7 @@ def test_a_bundled_text_encoder_is_in_the_package_bundle_whole_and_generates(ray
     from pipelines.generation import GenerationSettings, run_generation
     from pipelines.stages import STAGES
 
-    encoder = tiny_t5_dir(tmp_path / "t5")
+    encoder = small_t5_dir(tmp_path / "t5")
     want = tree(encoder)
     root = tmp_path / "store"
     overrides = [f"storage.root={root}", "text.kind=t5", f"text.name_or_path={encoder}"]
