@@ -4,8 +4,9 @@
         [--steps 20] [--warmup 3] [key=value ...]
 
 Each job runs in its own process (so its peak memory is its own) on one device with a
-1-rank process group, through the same DeepSpeed engines and step functions as the real
-jobs, on random batches of the configured shapes (throughput does not depend on content).
+1-rank process group, built by its entry in ``pipelines.train.jobs.JOBS`` like the real jobs
+(the same engines and step), on random batches of the configured shapes (throughput does not
+depend on content).
 On a GPU it also prints the LFM's model-FLOPs utilisation: FLOPs of one forward+backward
 counted by ``torch.utils.flop_counter`` against the device's dense bf16 peak.
 """
@@ -29,21 +30,33 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 
 class RandomShard:
-    """Stands in for a Ray Train dataset shard: endless random batches of the right shapes."""
+    """Stands in for a Ray Train dataset shard: endless random batches of the right shapes.
 
-    def __init__(self, columns: dict[str, tuple[int, ...]]):
-        self.columns = columns
+    Args:
+        floats: flat float columns and their per-row length (random values).
+        ints: integer columns and their value in every row (shapes, caption lengths).
+    """
+
+    def __init__(self, floats: dict[str, int], ints: dict[str, int]):
+        self.floats, self.ints = floats, ints
 
     def iter_batches(self, batch_size: int, **_):
         import numpy as np
 
         rng = np.random.default_rng(0)
         while True:
-            batch = {k: (rng.standard_normal((batch_size, *shape)).astype(np.float32) * 0.1 if shape
-                         else np.full(batch_size, 0)) for k, shape in self.columns.items()}
-            if "length" in batch:
-                batch["length"] = np.full(batch_size, self.text_len)
-            yield batch
+            batch = {k: rng.standard_normal((batch_size, n)).astype(np.float32) * 0.1 for k, n in self.floats.items()}
+            yield {**batch, **{k: np.full(batch_size, v, np.int32) for k, v in self.ints.items()}}
+
+
+def random_shard(cfg, job: str, text_len: int = 32) -> RandomShard:
+    """Random rows with the columns ``job`` reads, shaped as the config's clips would be."""
+    frames, n_mels = cfg.mel_shape()
+    if job == "lfm":
+        c, t, f = cfg.latent_shape()
+        return RandomShard({"mean": c * t * f, "logvar": c * t * f, "emb": text_len * cfg.context_dim},
+                           {"latent_channels": c, "latent_frames": t, "latent_bins": f, "length": text_len})
+    return RandomShard({"mel": n_mels * frames, "waveform": cfg.clip_samples}, {"n_mels": n_mels, "frames": frames})
 
 
 def run_job(job: str, config: str, overrides: list[str], steps: int, warmup: int) -> dict:
@@ -51,47 +64,32 @@ def run_job(job: str, config: str, overrides: list[str], steps: int, warmup: int
     import torch.distributed as dist
 
     from pipelines.config import load_pipeline_config
-    from pipelines.train.gan import vae_parts, vae_step, vocoder_parts, vocoder_step
-    from pipelines.train.lfm import lfm_step
-    from pipelines.train.worker import SECTIONS, _engine
+    from pipelines.train.engines import use_bf16
+    from pipelines.train.jobs import JOBS
+    from pipelines.train.loop import JobInputs
 
     cfg = load_pipeline_config(config, overrides)
-    t = getattr(cfg, SECTIONS[job])
+    spec = JOBS[job]
+    t = spec.train_config(cfg)
     cuda = torch.cuda.is_available()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("BENCH_PORT", "29511"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     device = torch.device("cuda" if cuda else "cpu")
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
-    frames, n_mels = cfg.mel_shape()
-    if job == "lfm":
-        from lafma.models import build_unet
-        from lafma.train import EMA
-
-        shard = RandomShard({"mean": (int(torch.tensor(cfg.latent_shape()).prod()),),
-                             "logvar": (int(torch.tensor(cfg.latent_shape()).prod()),),
-                             "emb": (32 * cfg.context_dim,), "length": ()})
-        shard.text_len = 32  # a typical AudioCaps caption in T5 tokens
-        engine = _engine(build_unet(cfg), t, t.lr, bf16)
-        ema = EMA(engine.module, t.ema_decay).to(device)
-        null = (torch.zeros(1, 1, cfg.context_dim), torch.ones(1, 1, dtype=torch.bool))
-        step, batches, _ = lfm_step(cfg, engine, ema, shard, None, device, null)
-        params = sum(p.numel() for p in engine.module.parameters())
-    else:
-        shard = RandomShard({"mel": (n_mels * frames,), "waveform": (cfg.clip_samples,)})
-        gen, disc = (vae_parts if job == "vae" else vocoder_parts)(cfg)
-        gen_e, disc_e = _engine(gen, t, t.lr, bf16), _engine(disc, t, t.disc_lr or t.lr, bf16)
-        step, batches, _ = (vae_step if job == "vae" else vocoder_step)(cfg, gen_e, disc_e, shard, None, device)
-        engine = gen_e
-        params = sum(p.numel() for p in gen.parameters()) + sum(p.numel() for p in disc.parameters())
+    bf16 = use_bf16(t, device)
+    # A 32-token caption: a typical AudioCaps caption in T5 tokens. No VAE or vocoder weights:
+    # the LFM's samples (not timed) would need them.
+    null = {"null_emb": [0.0] * cfg.context_dim}
+    built = spec.build(JobInputs(cfg, random_shard(cfg, job), device, bf16, extra=null))
+    params = sum(p.numel() for engine in built.engines.values() for p in engine.module.parameters())
     for i in range(1, warmup + 1):
-        step(next(batches), i)
+        built.step(next(built.batches), i)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(warmup + 1, warmup + steps + 1):
-        step(next(batches), i)
+        built.step(next(built.batches), i)
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -103,7 +101,7 @@ def run_job(job: str, config: str, overrides: list[str], steps: int, warmup: int
         out["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out["peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     if job == "lfm" and cuda:
-        out.update(mfu(cfg, engine.module, t.batch_size, device, out["samples_per_second"]))
+        out.update(mfu(cfg, built.engines["unet"].module, t.batch_size, device, out["samples_per_second"]))
     return out
 
 

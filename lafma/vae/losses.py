@@ -1,7 +1,10 @@
 """The VAE's training losses: LDM's ``LPIPSWithDiscriminator`` without the image-only LPIPS.
 
-Losses come back as a dict (``"rec/nll"``, ``"kl"``, ``"adv/gen"``, …) to be logged as-is, in
-the shape of descript-audio-codec's loop; ``"total"`` is the one to backpropagate.
+Losses come back as dicts of unweighted terms (``"rec/nll"``, ``"kl"``, ``"adv/gen"``,
+``"adv/disc"``, …) to be logged as-is, and :meth:`VAELoss.loss_weights` gives their lambdas:
+:func:`lafma.train.losses.weighted_sum` of the two is what to backpropagate, as for the
+vocoder (descript-audio-codec's shape). The one lambda that changes per step is the
+adversarial one: LDM's adaptive weight times the GAN warm-start factor.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class VAELoss(nn.Module):
     where nll = Σ |x − x̂| / exp(s) + s over all elements (s the learned scalar ``logvar``) per
     sample, and λ = disc_weight · ‖∇_w nll‖ / (‖∇_w g‖ + 1e-4) at the decoder's last layer w,
     which keeps the adversarial gradient on the scale of the reconstruction gradient.
+    Discriminator objective: disc_factor(step) · hinge.
 
     Args:
         kl_weight: weight of the KL term (tiny: the latent only needs to be roughly Gaussian).
@@ -61,11 +65,33 @@ class VAELoss(nn.Module):
         """The GAN terms' factor at ``step``: ``disc_factor`` from ``disc_start`` on, else 0."""
         return adopt_weight(self.disc_factor, step, self.disc_start)
 
+    def loss_weights(self, step: int, adv_weight: Tensor | float = 0.0) -> dict[str, float | Tensor]:
+        """Lambdas for :func:`lafma.train.losses.weighted_sum`, keyed like the loss dicts.
+
+        One dict serves both steps (keys a step lacks are skipped).
+
+        Args:
+            step: global step, for the GAN warm-start.
+            adv_weight: the adaptive weight λ of this step (``"adv/weight"`` of
+                :meth:`generator_losses`); only the generator's ``"adv/gen"`` uses it.
+        """
+        factor = self.disc_factor_at(step)
+        return {"rec/nll": 1.0, "kl": self.kl_weight, "adv/gen": adv_weight * factor, "adv/disc": factor}
+
+    def nll(self, mel: Tensor, recon: Tensor) -> Tensor:
+        """Σ |x − x̂| / exp(s) + s over every element, averaged over the batch: a scalar.
+
+        Args:
+            mel, recon: (B, n_mels, T).
+        """
+        rec = (mel - recon).abs()  # (B, n_mels, T)
+        return (rec / torch.exp(self.logvar) + self.logvar).sum() / rec.shape[0]
+
     def adaptive_weight(self, nll: Tensor, g: Tensor, last_layer: Tensor | None) -> Tensor:
         """disc_weight · ‖∇ nll‖ / (‖∇ g‖ + 1e-4) at ``last_layer``, clamped to [0, 1e4], detached.
 
         ``last_layer`` is any tensor both losses depend on: the decoder's last weight (LDM), or
-        its output (what the DeepSpeed job uses: see ``pipelines/train/gan.py``).
+        its output (what the DeepSpeed job uses: see ``pipelines/train/vae.py``).
 
         Falls back to 0 when there is no graph to differentiate (evaluation, ``no_grad``).
         """
@@ -82,7 +108,7 @@ class VAELoss(nn.Module):
     def generator_losses(self, mel: Tensor, recon: Tensor, posterior: DiagonalGaussian,
                          logits_fake: Tensor | None, step: int,
                          last_layer: Tensor | None = None, adv_weight: Tensor | None = None) -> dict[str, Tensor]:
-        """Losses of the VAE (the generator) for one batch.
+        """Unweighted terms of the VAE (the generator) for one batch.
 
         Args:
             mel: target (B, n_mels, T).
@@ -96,37 +122,34 @@ class VAELoss(nn.Module):
                 (a distributed engine may not allow a second backward through its graph).
 
         Returns:
-            Scalars "rec/l1", "rec/nll", "kl", "adv/gen", "adv/weight", "logvar" and "total".
+            Scalars "rec/nll", "kl" and "adv/gen" (weighted by :meth:`loss_weights`, which takes
+            "adv/weight", the adaptive λ), and "rec/l1" and "logvar" (logged only).
         """
-        rec = (mel - recon).abs()  # (B, n_mels, T)
-        nll = (rec / torch.exp(self.logvar) + self.logvar).sum() / rec.shape[0]
+        nll = self.nll(mel, recon)
         kl = posterior.kl().mean()
-        factor = self.disc_factor_at(step)
         if logits_fake is None:
             g = torch.zeros((), device=mel.device)
             weight = torch.zeros((), device=mel.device)
         else:
             g = -logits_fake.mean()
-            # Skip the two extra backward passes while the GAN term is switched off.
             if adv_weight is not None:
                 weight = adv_weight.detach()
-            else:
-                weight = self.adaptive_weight(nll, g, last_layer) if factor > 0 else torch.zeros_like(g)
-        total = nll + self.kl_weight * kl + weight * factor * g
-        return {"rec/l1": rec.mean().detach(), "rec/nll": nll, "kl": kl, "adv/gen": g,
-                "adv/weight": weight, "logvar": self.logvar.detach(), "total": total}
+            else:  # skip the two extra backward passes while the GAN term is switched off
+                weight = self.adaptive_weight(nll, g, last_layer) if self.disc_factor_at(step) > 0 \
+                    else torch.zeros_like(g)
+        return {"rec/l1": (mel - recon).abs().mean().detach(), "rec/nll": nll, "kl": kl, "adv/gen": g,
+                "adv/weight": weight, "logvar": self.logvar.detach()}
 
-    def discriminator_losses(self, logits_real: Tensor, logits_fake: Tensor, step: int) -> dict[str, Tensor]:
-        """Hinge loss of the discriminator, switched on at ``disc_start``.
+    def discriminator_losses(self, logits_real: Tensor, logits_fake: Tensor) -> dict[str, Tensor]:
+        """Unweighted hinge loss of the discriminator (:meth:`loss_weights` switches it on at
+        ``disc_start``).
 
         Args:
             logits_real: D on real mel images (B, 1, T', F').
             logits_fake: D on detached reconstructions (B, 1, T', F').
-            step: global step.
 
         Returns:
-            Scalars "adv/disc" (to backpropagate), "logits/real" and "logits/fake" (for logging).
+            Scalars "adv/disc" (weighted), "logits/real" and "logits/fake" (logged only).
         """
-        loss = self.disc_factor_at(step) * hinge_d_loss(logits_real, logits_fake)
-        return {"adv/disc": loss, "logits/real": logits_real.detach().mean(),
+        return {"adv/disc": hinge_d_loss(logits_real, logits_fake), "logits/real": logits_real.detach().mean(),
                 "logits/fake": logits_fake.detach().mean()}

@@ -7,13 +7,25 @@ import pyarrow as pa
 from lafma.config import to_dict
 from pipelines.config import PipelineConfig
 from pipelines.core import storage
-from pipelines.core.stage import StageContext, arrow_table, rejects_table, run_shards, write_shard
+from pipelines.core.stage import (
+    Stage,
+    StageContext,
+    arrow_table,
+    rejects_table,
+    run_shards,
+    write_shard,
+)
 from pipelines.stages.text import caption_key
+from pipelines.train.jobs import JOBS, JobSpec
 
+# One row per (clip, caption). ``mean``/``logvar`` are the posterior's (C, T', F') moments
+# flattened row-major; ``latent_channels``/``latent_frames``/``latent_bins`` are that shape,
+# which every reader reshapes by (as the audio stage's ``n_mels``/``frames``).
 LATENT_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("caption_key", pa.string()), ("split", pa.string()),
-    ("mean", pa.list_(pa.float32())), ("logvar", pa.list_(pa.float32())), ("emb", pa.list_(pa.float32())),
-    ("length", pa.int32()),
+    ("mean", pa.list_(pa.float32())), ("logvar", pa.list_(pa.float32())),
+    ("latent_channels", pa.int32()), ("latent_frames", pa.int32()), ("latent_bins", pa.int32()),
+    ("emb", pa.list_(pa.float32())), ("length", pa.int32()),
 ])
 
 
@@ -31,20 +43,33 @@ def _model_section(cfg: PipelineConfig, *names: str) -> dict:
     return out
 
 
-class _TrainStage:
-    section = ""
+def trained_weights(ctx: StageContext, job: JobSpec) -> str:
+    """Where ``job``'s stage exported its weights."""
+    return storage.join(ctx.outputs[job.stage], job.weights_file)
+
+
+class _TrainStage(Stage):
+    """A stage that runs one training job: its row of :data:`~pipelines.train.jobs.JOBS`
+    names the stage, its config section and its export."""
+
+    job: JobSpec
 
     def done(self, marker: dict, ctx: StageContext) -> bool:
         """Finished only if it reached the configured number of steps."""
-        return int(marker.get("steps") or 0) >= getattr(ctx.cfg, self.section).steps
+        return int(marker.get("steps") or 0) >= self.job.train_config(ctx.cfg).steps
+
+    def version(self, marker: dict):
+        """The steps reached: raising ``steps`` resumes in the same directory, with new weights."""
+        return marker.get("steps")
 
 
 class TrainVAEStage(_TrainStage):
-    name = section = "train_vae"
+    job = JOBS["vae"]
+    name = job.stage
     needs = ("audio",)
 
     def key(self, ctx: StageContext) -> dict:
-        key = {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", "train_vae")}
+        key = {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", self.job.section)}
         # The latent scale only matters to the flow model: changing it must not retrain the VAE.
         key["vae"] = {k: v for k, v in to_dict(ctx.cfg.vae).items() if k != "scale_factor"}
         return key
@@ -52,7 +77,7 @@ class TrainVAEStage(_TrainStage):
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.train.launch import train_job
 
-        return train_job(ctx.cfg, "vae", root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
+        return train_job(ctx.cfg, self.job.name, root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
                          stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
 
 
@@ -61,7 +86,8 @@ class TrainVocoderStage(_TrainStage):
     stage exports the Griffin-Lim vocoder (its mel hash included) so that the rest of the DAG
     and the bundle treat it like any other."""
 
-    name = section = "train_vocoder"
+    job = JOBS["vocoder"]
+    name = job.stage
     needs = ("audio",)
 
     def done(self, marker: dict, ctx: StageContext) -> bool:
@@ -69,20 +95,19 @@ class TrainVocoderStage(_TrainStage):
 
     def key(self, ctx: StageContext) -> dict:
         return {"audio": ctx.hashes["audio"],
-                **_model_section(ctx.cfg, "mel", "vocoder", "vocoder_loss", "train_vocoder")}
+                **_model_section(ctx.cfg, "mel", "vocoder", "vocoder_loss", self.job.section)}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.train.launch import train_job
 
         if ctx.cfg.vocoder.kind == "griffinlim":
             from lafma.models import build_vocoder
-            from pipelines.train.worker import export
+            from pipelines.train.weights import export_weights
 
-            export(build_vocoder(ctx.cfg).state_dict(), ctx.cfg, out_dir, "vocoder")
-            print("[train_vocoder] vocoder.kind is griffinlim: nothing to train, exported", flush=True)
-            return {"kind": "griffinlim", "steps": 0,
-                    "weights": storage.join(out_dir, "vocoder.safetensors")}
-        return train_job(ctx.cfg, "vocoder", root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
+            export_weights(build_vocoder(ctx.cfg).state_dict(), ctx.cfg, out_dir, self.job.component)
+            print(f"[{self.name}] vocoder.kind is griffinlim: nothing to train, exported", flush=True)
+            return {"kind": "griffinlim", "steps": 0, "weights": storage.join(out_dir, self.job.weights_file)}
+        return train_job(ctx.cfg, self.job.name, root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
                          stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
 
 
@@ -96,12 +121,12 @@ class EncodeLatents:
 
         from lafma.config import from_dict
         from lafma.models import build_vae
-        from pipelines.train.worker import load_safetensors
+        from pipelines.train.weights import load_weights
 
         self.cfg = from_dict(PipelineConfig, cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = build_vae(self.cfg)
-        self.vae.load_state_dict(load_safetensors(vae_weights))
+        self.vae.load_state_dict(load_weights(vae_weights))
         self.vae = self.vae.to(self.device).eval()
         text = storage.read_parquet_dir(text_dir, columns=["caption_key", "emb", "length"])
         self.text = {k: (e, n) for k, e, n in zip(*(text.column(c).to_numpy(zero_copy_only=False)
@@ -124,6 +149,7 @@ class EncodeLatents:
             mel = mel.reshape(len(part), part[0]["n_mels"], part[0]["frames"])  # (B, n_mels·T) -> (B, n_mels, T)
             with torch.no_grad():
                 post = self.vae.encode(mel.to(self.device))
+            channels, frames, bins = post.mean.shape[1:]
             means = post.mean.flatten(1).cpu().numpy()  # (B, C, T', F') -> (B, C·T'·F')
             logvars = post.logvar.flatten(1).cpu().numpy()
             for r, mean, logvar in zip(part, means, logvars):
@@ -131,12 +157,13 @@ class EncodeLatents:
                     key = caption_key(caption)
                     emb, n = self.text[key]
                     rows.append({"id": r["id"], "caption": caption, "caption_key": key, "split": r["split"],
-                                 "mean": mean, "logvar": logvar, "emb": np.asarray(emb), "length": n})
+                                 "mean": mean, "logvar": logvar, "latent_channels": channels,
+                                 "latent_frames": frames, "latent_bins": bins, "emb": np.asarray(emb), "length": n})
         write_shard(self.out_dir, shard, arrow_table(rows, LATENT_SCHEMA), rejects_table([]))
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
 
-class LatentsStage:
+class LatentsStage(Stage):
     name = "latents"
     needs = ("audio", "text", "train_vae")
 
@@ -148,7 +175,7 @@ class LatentsStage:
         c = ctx.cfg.compute
         run_shards(out_dir, [[{"file": f}] for f in files], EncodeLatents, label="latents",
                    num_cpus=c.text_actor_cpus, num_gpus=c.text_actor_gpus, actors=c.text_actors,
-                   fn_kwargs={"cfg": to_dict(ctx.cfg), "vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
+                   fn_kwargs={"cfg": to_dict(ctx.cfg), "vae_weights": trained_weights(ctx, JOBS["vae"]),
                               "text_dir": ctx.outputs["text"], "out_dir": out_dir})
         rows = storage.read_parquet_dir(out_dir, columns=["split"]).num_rows
         return {"rows_in": len(files), "rows": rows, "rejected": 0, **latent_stats(out_dir)}
@@ -201,14 +228,15 @@ def empty_caption_embedding(text_dir: str) -> dict:
 
 
 class TrainLFMStage(_TrainStage):
-    name = section = "train_lfm"
+    job = JOBS["lfm"]
+    name = job.stage
     needs = ("latents", "text", "train_vae", "train_vocoder")
 
     def key(self, ctx: StageContext) -> dict:
         # Not the sampler (inference settings) nor the vocoder (it only renders sample audio):
         # changing them must not restart training.
         return {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
-                **_model_section(ctx.cfg, "unet", "flow", "train_lfm"), "scale_factor": ctx.cfg.vae.scale_factor}
+                **_model_section(ctx.cfg, "unet", "flow", self.job.section), "scale_factor": ctx.cfg.vae.scale_factor}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.core.stage import read_marker
@@ -216,8 +244,8 @@ class TrainLFMStage(_TrainStage):
 
         cfg = resolve_scale_factor(ctx.cfg, read_marker(ctx.outputs["latents"]) or {})
         null = empty_caption_embedding(ctx.outputs["text"])
-        extra = {"vae_weights": storage.join(ctx.outputs["train_vae"], "vae.safetensors"),
-                 "vocoder_weights": storage.join(ctx.outputs["train_vocoder"], "vocoder.safetensors"),
+        extra = {"vae_weights": trained_weights(ctx, JOBS["vae"]),
+                 "vocoder_weights": trained_weights(ctx, JOBS["vocoder"]),
                  "null_emb": list(map(float, null["emb"]))}
-        return train_job(cfg, "lfm", root=ctx.root, data_dir=ctx.outputs["latents"], out_dir=out_dir,
+        return train_job(cfg, self.job.name, root=ctx.root, data_dir=ctx.outputs["latents"], out_dir=out_dir,
                          stage_hash=ctx.hashes[self.name], extra=extra, parent_run_id=ctx.parent_run_id)

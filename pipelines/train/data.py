@@ -1,10 +1,14 @@
 """Parquet caches → Ray Data datasets for the trainers, and numpy batches → tensors.
 
-Random crops happen in the training worker with the worker's own generator, which the
-checkpoint saves, so a resumed run continues the same random stream.
+Random crops happen in the training worker from the global RNG, which the checkpoint saves
+per rank, so a resumed run continues the same random stream. Every tensor is reshaped from
+the shape stored with it (the audio stage's ``n_mels``/``frames``, the latents'
+``latent_channels``/``latent_frames``/``latent_bins``), never from the config.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -12,7 +16,7 @@ import torch
 from pipelines.core import storage
 
 
-def parquet_dataset(out_dir: str, columns: list[str], split: str | None = "train"):
+def parquet_dataset(out_dir: str, columns: Sequence[str], split: str | None = "train"):
     """A stage's shard files (not its rejects/) as a Ray dataset, filtered to ``split``."""
     import ray.data
     from ray.data.expressions import col
@@ -31,27 +35,49 @@ def parquet_dataset(out_dir: str, columns: list[str], split: str | None = "train
     return ds if split is None else ds.filter(expr=col("split") == split)
 
 
-def stack(column, shape: tuple[int, ...]) -> torch.Tensor:
-    """A batch column of flat float lists → (B, *shape) float32 tensor."""
+def unflatten(column: Sequence, *dims: Sequence[int]) -> torch.Tensor:
+    """A batch column of flat float lists → one float32 tensor, shaped by the rows' own columns.
+
+    Args:
+        column: B flat float arrays.
+        dims: the rows' shape columns, one per dimension, each (B,) ints (e.g. ``rows["n_mels"]``,
+            ``rows["frames"]``); none: the rows as stored, (B, N).
+
+    Returns:
+        (B, *shape) with ``shape`` the rows' common shape.
+
+    Raises:
+        ValueError: the rows of the batch have different shapes (they cannot be stacked).
+    """
     arr = np.stack([np.asarray(x, dtype=np.float32) for x in column])  # (B, prod(shape))
-    return torch.from_numpy(arr.reshape(len(arr), *shape))
+    if not dims:
+        return torch.from_numpy(arr)
+    shapes = set(zip(*(np.asarray(d).tolist() for d in dims)))
+    if len(shapes) != 1:
+        raise ValueError(f"the rows of one batch have different shapes: {sorted(shapes)}")
+    (shape,) = shapes
+    return torch.from_numpy(arr.reshape(len(arr), *shape))  # (B, prod(shape)) -> (B, *shape)
 
 
-def random_crop(x: torch.Tensor, frames: int, generator: torch.Generator | None, hop: int = 0,
+def random_crop(x: torch.Tensor, frames: int, hop: int = 0,
                 wav: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Crop (B, C, T) mels to ``frames``, one random start per item; crop ``wav`` (B, N) to match.
 
-    With ``wav``, mel frame k covers samples [k·hop, (k+1)·hop), so the waveform crop is the
-    same window in samples (aligned segments for the vocoder).
+    Starts come from the global RNG, which checkpoints save. With ``wav``, mel frame k covers
+    samples [k·hop, (k+1)·hop), so the waveform crop is the same window in samples (aligned
+    segments for the vocoder). ``frames`` of 0 or at least T: no crop (and no draw).
+
+    Returns:
+        (B, C, frames) mels and (B, frames · hop) waveforms (or None without ``wav``).
     """
     b, _, t = x.shape
     if frames <= 0 or frames >= t:
         return x, wav
-    starts = torch.randint(0, t - frames + 1, (b,), generator=generator)
-    mel = torch.stack([x[i, :, s : s + frames] for i, s in enumerate(starts.tolist())])
+    starts = torch.randint(0, t - frames + 1, (b,)).tolist()
+    mel = torch.stack([x[i, :, s : s + frames] for i, s in enumerate(starts)])
     if wav is None:
         return mel, None
-    seg = torch.stack([wav[i, s * hop : (s + frames) * hop] for i, s in enumerate(starts.tolist())])
+    seg = torch.stack([wav[i, s * hop : (s + frames) * hop] for i, s in enumerate(starts)])
     return mel, seg
 
 
@@ -61,7 +87,7 @@ def _nbytes(column: np.ndarray) -> int:
     return column.nbytes
 
 
-def epochs(shard, batch_size: int, seed: int, cache_bytes: int = 2 << 30):
+def epochs(shard, batch_size: int, seed: int, cache_bytes: int = 2 << 30) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches from a Ray Train dataset shard, one pass per epoch, shuffled per epoch.
 
     A shard that fits in ``cache_bytes`` is kept in memory after its first pass and reshuffled

@@ -2,82 +2,113 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import Tensor
+from collections.abc import Callable, Iterator, Sequence
 
-from lafma.flow import ClassifierFreeGuidance, OTPath, solve
+import torch
+from torch import Tensor, nn
+
+from lafma.config import MelConfig
+from lafma.flow import OTPath
+from lafma.models import build_unet, build_vae, build_vocoder
+from lafma.pipeline import sample_latents
 from lafma.text import pad_embeddings
 from lafma.train import EMA, lfm_loss
-from pipelines.config import PipelineConfig
+from lafma.vae import DiagonalGaussian
 from pipelines.core.tracking import RunLogger, mel_image
-from pipelines.train.data import epochs
+from pipelines.train.data import epochs, unflatten
+from pipelines.train.engines import build_engine
+from pipelines.train.loop import Job, JobInputs
+from pipelines.train.weights import load_weights
+
+# The latents table's shape columns: each row's (C, T', F').
+LATENT_DIMS = ("latent_channels", "latent_frames", "latent_bins")
 
 
-def lfm_step(cfg: PipelineConfig, engine, ema: EMA, shard, generator: torch.Generator | None, device: torch.device,
-             null: tuple[Tensor, Tensor], decoder=None, vocoder=None):
-    """The LFM job's step function, batch stream and artifacts.
+def null_condition(embedding: Sequence[float], dim: int) -> tuple[Tensor, Tensor]:
+    """The empty caption's flat embedding → (embedding (1, L0, D), mask (1, L0))."""
+    emb = torch.tensor(list(embedding)).reshape(1, -1, dim)  # (L0 · D,) -> (1, L0, D)
+    return emb, torch.ones(1, emb.shape[1], dtype=torch.bool)
 
-    Args:
-        engine: the UNet's DeepSpeed engine; ema: its EMA (used for samples and export).
-        null: the empty caption's (embedding (1, L0, D), mask (1, L0)).
-        decoder: the trained VAE's ``decode`` on ``device``; vocoder: a CPU vocoder. Both optional.
+
+def lfm_job(inputs: JobInputs) -> Job:
+    """The UNet's engine, its EMA, the latent batch stream, the step and the samples.
+
+    ``inputs.extra`` holds ``null_emb`` (the empty caption's flat embedding) and, optionally,
+    ``vae_weights`` and ``vocoder_weights``: without them the samples are latents only.
     """
-    t = cfg.train_lfm
-    shape = cfg.latent_shape()
-    dim = cfg.context_dim
+    cfg, device, extra = inputs.cfg, inputs.device, inputs.extra
+    t, s = cfg.train_lfm, cfg.sampler
+    engine = build_engine(build_unet(cfg), t, t.lr, inputs.bf16)
+    ema = EMA(engine.module, t.ema_decay).to(device)
+    decoder = vocoder = None
+    if extra.get("vae_weights"):
+        vae = build_vae(cfg)
+        vae.load_state_dict(load_weights(extra["vae_weights"]))
+        decoder = vae.to(device).eval().decode
+    if extra.get("vocoder_weights"):
+        vocoder = build_vocoder(cfg)
+        vocoder.load_state_dict(load_weights(extra["vocoder_weights"]))
+        vocoder.eval()
+    null_ctx, null_mask = (x.to(device) for x in null_condition(extra["null_emb"], cfg.context_dim))
     path = OTPath(cfg.flow.sigma_min)
-    null_ctx, null_mask = null[0].to(device), null[1].to(device)
-    batches = epochs(shard, t.batch_size, t.seed)
-    fixed: dict[str, Tensor] = {}
+    scale = cfg.vae.scale_factor
+    kept: dict[str, Tensor] = {}
 
-    def batch_iter():
-        for b in batches:
-            mean = torch.from_numpy(np.stack(b["mean"]).astype(np.float32)).reshape(-1, *shape)
-            logvar = torch.from_numpy(np.stack(b["logvar"]).astype(np.float32)).reshape(-1, *shape)
+    def batches() -> Iterator[dict[str, Tensor]]:
+        for rows in epochs(inputs.shard, t.batch_size, t.seed):
+            dims = [rows[c] for c in LATENT_DIMS]
+            posterior = DiagonalGaussian(unflatten(rows["mean"], *dims), unflatten(rows["logvar"], *dims))
             # Sample the posterior each time the clip is seen (as LDMs do): cheap augmentation.
-            z = mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, generator=generator)
-            ctx, mask = pad_embeddings(b["emb"], b["length"], dim)
-            if "ctx" not in fixed:
-                fixed.update(ctx=ctx[:2].clone(), mask=mask[:2].clone(), latent=mean[:2].clone())
-            yield {"x1": (z * cfg.vae.scale_factor).to(device), "ctx": ctx.to(device), "mask": mask.to(device)}
+            z = posterior.sample()  # (B, C, T', F')
+            ctx, mask = pad_embeddings(rows["emb"], rows["length"], cfg.context_dim)  # (B, L, D), (B, L)
+            if not kept:  # the first batch's first two items: the same captions in every sample
+                kept.update(ctx=ctx[:2].clone(), mask=mask[:2].clone(), latent=posterior.mean[:2].clone())
+            yield {"x1": (z * scale).to(device), "ctx": ctx.to(device), "mask": mask.to(device)}
 
-    def step(batch: dict, i: int) -> dict[str, float]:
+    def step(batch: dict[str, Tensor], i: int) -> dict[str, float]:
         def velocity(x, tt, context, context_mask):
             return engine(x, tt, context=context, context_mask=context_mask)
 
         loss, logs = lfm_loss(velocity, batch["x1"], batch["ctx"], batch["mask"], path=path, null_context=null_ctx,
-                              null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout, generator=None)
+                              null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout)
         engine.backward(loss)
         updates = engine.global_steps
         engine.step()
         if engine.global_steps > updates:  # an optimiser step happened (every grad_accum micro-batches)
             ema.update(engine.module)
         norm = engine.get_global_grad_norm()
-        return {"loss/fm": float(loss), "lr": float(engine.get_lr()[0]), **logs,
+        return {"loss/fm": float(loss.detach()), "lr": float(engine.get_lr()[0]), **logs,
                 **({"grad_norm": float(norm)} if norm is not None else {})}
 
     def artifacts(i: int, logger: RunLogger) -> None:
-        s = cfg.sampler
-        velocity = ClassifierFreeGuidance(ema.model, s.guidance, null_ctx, null_mask)
-        n = fixed["ctx"].shape[0]
-        noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0)).to(device)
+        latent = kept["latent"]  # (n, C, T', F') posterior means
+        # Fixed noise: the samples of successive steps differ only by the model.
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
-            sol = solve(velocity, noise, method=s.solver, steps=s.steps, context=fixed["ctx"].to(device),
-                        context_mask=fixed["mask"].to(device))
-        logger.log_metrics({"sample/latent_rmse": float((sol.x.float().cpu() - fixed["latent"] * cfg.vae.scale_factor)
-                                                        .pow(2).mean().sqrt())}, step=i)
-        if decoder is None:
-            return
-        with torch.no_grad():
-            mel = decoder(sol.x.float() / cfg.vae.scale_factor).float().cpu()  # (n, n_mels, T)
-            real = decoder(fixed["latent"].to(device)).float().cpu()
-        logger.log_image(mel_image([("generated", mel[0].numpy()), ("reference (decoded latent)", real[0].numpy())],
-                                   sample_rate=cfg.mel.sample_rate, hop_length=cfg.mel.hop_length),
-                         f"samples/step_{i:07d}_mel.png")
-        if vocoder is not None:
-            with torch.no_grad():
-                wav = vocoder(mel)[0].float()  # the vocoder stays on the CPU: one clip is cheap
-            logger.log_audio(wav, cfg.mel.sample_rate, f"samples/step_{i:07d}_generated.wav")
+            sol = sample_latents(ema.model, noise, kept["ctx"].to(device), kept["mask"].to(device),
+                                 guidance=s.guidance, null_condition=(null_ctx, null_mask), solver=s.solver,
+                                 steps=s.steps, rtol=s.rtol, atol=s.atol)
+        rmse = (sol.x.float().cpu() - latent * scale).pow(2).mean().sqrt()
+        logger.log_metrics({"sample/latent_rmse": float(rmse)}, step=i)
+        if decoder is not None:
+            _log_decoded(decoder, vocoder, sol.x.float() / scale, latent.to(device), i, logger, cfg.mel)
 
-    return step, batch_iter(), artifacts
+    return Job({"unet": engine}, step, batches(), t.batch_size, final_weights=lambda: ema.model.state_dict(),
+               extra_state=lambda: {"ema": ema.state_dict()},
+               load_extra_state=lambda state: state.get("ema") and ema.load_state_dict(state["ema"]),
+               artifacts=artifacts)
+
+
+def _log_decoded(decoder: Callable[[Tensor], Tensor], vocoder: nn.Module | None, generated: Tensor,
+                 reference: Tensor, step: int, logger: RunLogger, mel_cfg: MelConfig) -> None:
+    """The generated and the reference latents (B, C, T', F', unscaled) as mels, the first as audio."""
+    with torch.no_grad():
+        mel = decoder(generated).float().cpu()  # (n, n_mels, T)
+        real = decoder(reference).float().cpu()
+    logger.log_image(mel_image([("generated", mel[0].numpy()), ("reference (decoded latent)", real[0].numpy())],
+                               sample_rate=mel_cfg.sample_rate, hop_length=mel_cfg.hop_length),
+                     f"samples/step_{step:07d}_mel.png")
+    if vocoder is not None:
+        with torch.no_grad():
+            wav = vocoder(mel)[0].float()  # the vocoder stays on the CPU: one clip is cheap
+        logger.log_audio(wav, mel_cfg.sample_rate, f"samples/step_{step:07d}_generated.wav")

@@ -1,6 +1,7 @@
 """The one training loop every job shares (inside a Ray Train worker).
 
-A job supplies its engines and a ``step(batch, step) -> logs`` function (the GAN jobs update
+A job (built from :class:`JobInputs` by its entry in :data:`pipelines.train.jobs.JOBS`)
+supplies its engines and a ``step(batch, step) -> logs`` function (the GAN jobs update
 the discriminator then the generator inside it; the LFM one engine plus its EMA). The loop
 owns what they all need: resuming from the last checkpoint, checkpoints every N steps and at
 the end, rank-0 metrics with samples per second, periodic artifacts, and fault injection.
@@ -10,14 +11,35 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.config import TrainConfig
-from pipelines.core.checkpointing import load_checkpoint, save_checkpoint
+import torch
+from torch import Tensor
+
+from pipelines.config import PipelineConfig, TrainConfig
 from pipelines.core.tracking import RunLogger
-from pipelines.core.training import maybe_fail
+
+
+@dataclass
+class JobInputs:
+    """What a job is built from inside a worker (see :data:`pipelines.train.jobs.JOBS`).
+
+    Attributes:
+        cfg: the whole resolved config.
+        shard: this worker's Ray Train dataset shard (anything with ``iter_batches``).
+        device: this worker's device.
+        bf16: train in bf16.
+        extra: the launch's job-specific inputs (the LFM's ``null_emb``, ``vae_weights``,
+            ``vocoder_weights``).
+    """
+
+    cfg: PipelineConfig
+    shard: Any
+    device: torch.device
+    bf16: bool
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -29,6 +51,7 @@ class Job:
         step: ``step(batch, step) -> {name: float}`` one optimiser update.
         batches: endless iterator of worker-local batches.
         samples_per_batch: examples in one batch (for throughput).
+        final_weights: ``() -> state dict`` the job exports when it ends (the EMA's for the LFM).
         extra_state: ``() -> dict`` of more state to checkpoint (e.g. the EMA weights).
         load_extra_state: restores what ``extra_state`` returned.
         artifacts: ``(step, logger) -> None`` logs images/audio (called on rank 0).
@@ -38,6 +61,7 @@ class Job:
     step: Callable[[dict, int], dict[str, float]]
     batches: Iterator[dict]
     samples_per_batch: int
+    final_weights: Callable[[], Mapping[str, Tensor]]
     extra_state: Callable[[], dict] = lambda: {}
     load_extra_state: Callable[[dict], None] = lambda state: None
     artifacts: Callable[[int, RunLogger], None] | None = None
@@ -54,6 +78,10 @@ def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail
     Returns:
         The last logged metrics (with ``step`` and ``resumed_from``).
     """
+    # Imported here: the job table (and the DAG stages that read it) must load without Ray.
+    from pipelines.core.checkpointing import load_checkpoint, save_checkpoint
+    from pipelines.core.training import maybe_fail
+
     state = load_checkpoint(job.engines)
     start = 0
     if state is not None:

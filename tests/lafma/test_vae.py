@@ -9,6 +9,7 @@ import torch
 
 from lafma.audio.mel import MelSpectrogram
 from lafma.config import VAEConfig, VAELossConfig
+from lafma.train import weighted_sum
 from lafma.vae import (
     DiagonalGaussian,
     MelVAE,
@@ -154,8 +155,9 @@ def test_hinge_discriminator_loss_known_values():
     # 0.5 * (mean(1, 0) + mean(0, 2)) = 0.5 * (0.5 + 1.0)
     torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.75))
     loss = VAELoss(disc_start=5)
-    assert loss.discriminator_losses(real, fake, step=4)["adv/disc"].item() == 0.0
-    out = loss.discriminator_losses(real, fake, step=5)
+    out = loss.discriminator_losses(real, fake)
+    assert weighted_sum(out, loss.loss_weights(step=4)).item() == 0.0  # off before disc_start
+    torch.testing.assert_close(weighted_sum(out, loss.loss_weights(step=5)), torch.tensor(0.75))
     torch.testing.assert_close(out["adv/disc"], torch.tensor(0.75))
     torch.testing.assert_close(out["logits/real"], torch.tensor(1.0))
     torch.testing.assert_close(out["logits/fake"], torch.tensor(-0.5))
@@ -178,6 +180,24 @@ def test_adaptive_weight_positive_with_fake_path_and_zero_without_graph():
     assert out["adv/weight"].item() == 0.0
 
 
+def test_generator_total_is_the_weighted_sum_of_its_terms():
+    # LDM's objective written out: nll + kl_weight·KL + λ·disc_factor·(−mean D(x̂)), with
+    # nll = Σ |x − x̂| / e^s + s per sample (s = 0.5 here) and λ the given adaptive weight.
+    loss = VAELoss(kl_weight=0.1, logvar_init=0.5, disc_start=3, disc_factor=0.8)
+    mel, recon = torch.zeros(2, 4, 6), torch.full((2, 4, 6), 2.0)
+    posterior = DiagonalGaussian(torch.ones(2, 1, 2, 3), torch.zeros(2, 1, 2, 3))  # KL 0.5 per element
+    logits, lam = torch.full((2, 1, 2, 2), -3.0), torch.tensor(4.0)
+    nll = (2.0 / math.exp(0.5) + 0.5) * 24
+    for step, factor in ((2, 0.0), (3, 0.8)):
+        terms = loss.generator_losses(mel, recon, posterior, logits, step, adv_weight=lam)
+        torch.testing.assert_close(terms["rec/nll"], torch.tensor(nll))
+        torch.testing.assert_close(terms["kl"], torch.tensor(3.0))
+        torch.testing.assert_close(terms["adv/gen"], torch.tensor(3.0))
+        assert terms["rec/l1"].item() == 2.0 and terms["adv/weight"].item() == 4.0
+        total = weighted_sum(terms, loss.loss_weights(step, terms["adv/weight"]))
+        torch.testing.assert_close(total, torch.tensor(nll + 0.1 * 3.0 + 4.0 * factor * 3.0))
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -195,7 +215,7 @@ def test_tiny_vae_overfits_one_batch():
         recon, posterior = vae(mel)
         out = loss.generator_losses(mel, recon, posterior, None, step, vae.get_last_layer())
         opt.zero_grad(set_to_none=True)
-        out["total"].backward()
+        weighted_sum(out, loss.loss_weights(step, out["adv/weight"])).backward()
         opt.step()
         history.append(out["rec/l1"].item())
     assert history[-1] < history[0] / 8
@@ -214,9 +234,9 @@ def test_one_gan_step_past_disc_start():
     recon, posterior = vae(mel)
 
     # Discriminator first, on a detached reconstruction.
-    d_out = loss.discriminator_losses(disc(mel_to_image(mel)), disc(mel_to_image(recon.detach())), step)
+    d_out = loss.discriminator_losses(disc(mel_to_image(mel)), disc(mel_to_image(recon.detach())))
     opt_d.zero_grad(set_to_none=True)
-    d_out["adv/disc"].backward()
+    weighted_sum(d_out, loss.loss_weights(step)).backward()
     opt_d.step()
 
     # Then the generator, with D frozen so its weights collect no gradient from this loss.
@@ -225,7 +245,7 @@ def test_one_gan_step_past_disc_start():
                                   vae.get_last_layer())
     opt_g.zero_grad(set_to_none=True)
     opt_d.zero_grad(set_to_none=True)
-    g_out["total"].backward()
+    weighted_sum(g_out, loss.loss_weights(step, g_out["adv/weight"])).backward()
     opt_g.step()
     disc.requires_grad_(True)
 

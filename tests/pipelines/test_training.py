@@ -7,14 +7,19 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from pipelines.config import load_pipeline_config
-from pipelines.core import tracking
+from pipelines.core import storage, tracking
 from pipelines.core.dag import run_dag
 from pipelines.stages import STAGES
+from pipelines.stages.audio import SCHEMA as AUDIO_SCHEMA
+from pipelines.stages.train import LATENT_SCHEMA
+from pipelines.train.data import unflatten
+from pipelines.train.jobs import JOBS, component_stages
 from tests.pipelines.dag_run import (
     CKPT_EVERY,
     CONFIG,
@@ -32,6 +37,33 @@ def history(root: Path, run_id: str, key: str) -> list[float]:
     client = MlflowClient(tracking.tracking_uri(str(root)))
     by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
     return [by_step[k] for k in sorted(by_step)]
+
+
+def test_the_job_table_ties_each_job_to_its_stage_section_input_and_export():
+    assert component_stages() == {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
+    stages = {s.name: s for s in STAGES}
+    inputs = {"vae": AUDIO_SCHEMA, "vocoder": AUDIO_SCHEMA, "lfm": LATENT_SCHEMA}
+    for name, spec in JOBS.items():
+        assert spec.name == name and stages[spec.stage].job is spec  # the stage it names trains it
+        assert set(spec.columns) <= set(inputs[name].names), name  # it reads what its input stage writes
+
+
+def test_a_batch_is_shaped_by_its_rows_shape_columns():
+    rows = [np.arange(6, dtype=np.float32), np.arange(6, 12, dtype=np.float32)]
+    assert unflatten(rows, np.array([2, 2]), np.array([3, 3])).tolist() == [[[0, 1, 2], [3, 4, 5]],
+                                                                              [[6, 7, 8], [9, 10, 11]]]
+    assert unflatten(rows).shape == (2, 6)  # no shape columns: as stored
+    with pytest.raises(ValueError, match="different shapes"):
+        unflatten(rows, np.array([2, 3]), np.array([3, 2]))
+
+
+def test_latents_carry_their_shape(trained):
+    _, cfg, reports = trained
+    table = storage.read_parquet_dir(reports["latents"].path,
+                                     columns=["mean", "latent_channels", "latent_frames", "latent_bins"])
+    c, t, f = (table.column(n).to_pylist() for n in ("latent_channels", "latent_frames", "latent_bins"))
+    assert set(zip(c, t, f)) == {cfg.latent_shape()}
+    assert {len(m) for m in table.column("mean").to_pylist()} == {math.prod(cfg.latent_shape())}
 
 
 @pytest.mark.parametrize("stage, metric", [("train_vae", "rec/l1"), ("train_vocoder", "mel/l1"),
