@@ -13,8 +13,7 @@ from lafma.pipeline import LafmaPipeline
 from lafma.text import TextEncoder, build_text_encoder
 from lafma.unet import UNet
 from lafma.vae import MelVAE, NLayerDiscriminator
-from lafma.vocoder import HiFiGANDiscriminator
-from lafma.vocoder import build_vocoder as _build_vocoder
+from lafma.vocoder import HiFiGANDiscriminator, vocoder_by_kind
 
 
 def build_unet(cfg: LafmaConfig) -> UNet:
@@ -33,7 +32,7 @@ def build_vae_discriminator(cfg: LafmaConfig) -> NLayerDiscriminator:
 def build_vocoder(cfg: LafmaConfig, kind: str | None = None) -> nn.Module:
     """``hifigan`` (trained by the vocoder job) or ``griffinlim`` (no training: a baseline);
     by default the config's ``vocoder.kind``."""
-    return _build_vocoder(kind or cfg.vocoder.kind, mel=cfg.mel, hifigan=cfg.vocoder)
+    return vocoder_by_kind(kind or cfg.vocoder.kind, mel=cfg.mel, hifigan=cfg.vocoder)
 
 
 def build_vocoder_discriminator(cfg: LafmaConfig) -> HiFiGANDiscriminator:

@@ -54,7 +54,7 @@ VOCODERS: dict[str, Callable[[MelConfig, HiFiGANConfig | None, int], Vocoder]] =
 }
 
 
-def build_vocoder(kind: str, *, mel: MelConfig, hifigan: HiFiGANConfig | None = None,
+def vocoder_by_kind(kind: str, *, mel: MelConfig, hifigan: HiFiGANConfig | None = None,
                   n_iter: int = 32) -> Vocoder:
     """Build an (untrained, for HiFi-GAN) vocoder by name.
 
@@ -80,7 +80,7 @@ __all__ = [
     "MultiPeriodDiscriminator",
     "MultiScaleDiscriminator",
     "Vocoder",
-    "build_vocoder",
+    "vocoder_by_kind",
     "discriminator_loss",
     "discriminator_losses",
     "feature_matching_loss",

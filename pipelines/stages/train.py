@@ -163,12 +163,17 @@ class EncodeLatents:
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
 
+# Version of the latents table's layout: 2 added each row's shape (latent_channels,
+# latent_frames, latent_bins), which the LFM job reads; a cache without them is rebuilt.
+LATENTS_FORMAT = 2
+
+
 class LatentsStage(Stage):
     name = "latents"
     needs = ("audio", "text", "train_vae")
 
     def key(self, ctx: StageContext) -> dict:
-        return {n: ctx.hashes[n] for n in self.needs}
+        return {**{n: ctx.hashes[n] for n in self.needs}, "format": LATENTS_FORMAT}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         files = storage.list_files(ctx.outputs["audio"], ".parquet")

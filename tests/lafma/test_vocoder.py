@@ -16,7 +16,6 @@ from lafma.vocoder import (
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     Vocoder,
-    build_vocoder,
     discriminator_loss,
     discriminator_losses,
     feature_matching_loss,
@@ -24,6 +23,7 @@ from lafma.vocoder import (
     generator_losses,
     loss_weights,
     mel_l1_loss,
+    vocoder_by_kind,
     weighted_sum,
 )
 
@@ -167,15 +167,15 @@ def test_one_gan_step_gives_finite_losses_and_updates_both_models():
 
 @pytest.mark.parametrize("kind", ["hifigan", "griffinlim"])
 @pytest.mark.parametrize("frames", [1, 4, 25])
-def test_build_vocoder_makes_a_vocoder_of_exact_length(kind, frames):
+def test_vocoder_by_kind_makes_a_vocoder_of_exact_length(kind, frames):
     torch.manual_seed(0)
-    voc = build_vocoder(kind, mel=MelConfig(), hifigan=HiFiGANConfig(upsample_initial_channel=32))
+    voc = vocoder_by_kind(kind, mel=MelConfig(), hifigan=HiFiGANConfig(upsample_initial_channel=32))
     assert isinstance(voc, Vocoder) and voc.hop == 160
     assert voc(torch.randn(2, 64, frames)).shape == (2, frames * 160)
 
 
-def test_build_vocoder_rejects_mismatches():
+def test_vocoder_by_kind_rejects_mismatches():
     with pytest.raises(ValueError, match="unknown vocoder"):
-        build_vocoder("wavenet", mel=MelConfig())
+        vocoder_by_kind("wavenet", mel=MelConfig())
     with pytest.raises(ValueError, match="mel hop"):
-        build_vocoder("hifigan", mel=MelConfig(hop_length=256))
+        vocoder_by_kind("hifigan", mel=MelConfig(hop_length=256))
