@@ -8,7 +8,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -19,6 +18,8 @@ from lafma.flow import OTPath, heldout_fm_loss
 from lafma.text import pad_embeddings
 from pipelines.core import registry, storage
 from pipelines.core.stage import Stage, StageContext, read_marker
+from pipelines.train.data import unflatten
+from pipelines.train.lfm import LATENT_DIMS
 
 # The package stage's gate metric: the held-out flow-matching loss (``train/fm_loss`` when the
 # dataset has no held-out split). Evaluation replaces it with its own when it runs.
@@ -32,7 +33,7 @@ HELDOUT_BATCH = 16
 
 def heldout_rows(latents_dir: str, n: int) -> tuple[pa.Table, str]:
     """Up to ``n`` rows of the held-out split (validation, else test), first by id."""
-    table = storage.read_parquet_dir(latents_dir, columns=["id", "split", "mean", "emb", "length"])
+    table = storage.read_parquet_dir(latents_dir, columns=["id", "split", "mean", *LATENT_DIMS, "emb", "length"])
     for split in ("validation", "test", "train"):
         part = table.filter(pc.equal(table.column("split"), split))
         if part.num_rows:
@@ -44,13 +45,12 @@ def heldout_batches(rows: pa.Table, cfg: LafmaConfig,
                     device: torch.device) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """The latents table's rows as :func:`~lafma.flow.heldout_fm_loss` batches of
     :data:`HELDOUT_BATCH`: ``(x1 (B, C, T, F), {"context": (B, L, D), "context_mask": (B, L)})``,
-    each caption batch padded to its own longest caption."""
-    shape = cfg.latent_shape()
+    each latent shaped by its row's own shape columns, each caption batch padded to its own
+    longest caption. ``cfg`` is the LFM's: its latent scale and context width."""
     records = rows.to_pylist()
     for start in range(0, len(records), HELDOUT_BATCH):
         part = records[start : start + HELDOUT_BATCH]
-        # (B, C·T·F) -> (B, C, T, F): the table stores flat latents, the shape comes from the config.
-        x1 = torch.from_numpy(np.stack([np.asarray(r["mean"], np.float32) for r in part])).reshape(-1, *shape)
+        x1 = unflatten([r["mean"] for r in part], *([r[c] for r in part] for c in LATENT_DIMS))  # (B, C, T, F)
         x1 = x1 * cfg.vae.scale_factor  # the posterior mean: no sampling noise in the score
         ctx, mask = pad_embeddings([r["emb"] for r in part], [r["length"] for r in part], cfg.context_dim)
         yield x1.to(device), {"context": ctx.to(device), "context_mask": mask.to(device)}
