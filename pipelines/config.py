@@ -121,6 +121,10 @@ class GenerateConfig:
         require(self.gate_times >= 1, f"{prefix}.gate_times", "must be >= 1")
 
 
+# Embedders that give embeddings but no class logits (so no KL and no IS).
+EMBEDDERS_WITHOUT_CLASSES = ("vggish", "clap")
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """The ``evaluate`` stage: generated held-out captions against held-out real audio.
@@ -147,6 +151,10 @@ class EvaluateConfig:
         require(self.embedder == "aisfx" or bool(self.embedder_weights), f"{prefix}.embedder_weights",
                  f"is required for embedder {self.embedder!r} (a local checkpoint file)")
         require(all(s >= 1 for s in self.sweep_steps), f"{prefix}.sweep_steps", "must be >= 1")
+        # KL needs class posteriors: an embedder without a classifier head measures none, and
+        # the gate would find no value only after generating and scoring every clip.
+        require(not (self.gate_metric == "kl" and self.embedder in EMBEDDERS_WITHOUT_CLASSES), f"{prefix}.gate_metric",
+                f"kl needs an embedder with a classifier head; {self.embedder!r} has none (use fd or text_audio)")
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,4 @@ def format_summary(reports: Sequence[StageReport]) -> str:
         if i.get("reasons"):
             lines.append(" " * 14 + "rejects: " + ", ".join(f"{k} {v}" for k, v in i["reasons"].items()))
         lines += [" " * 14 + note for note in r.notes]
-        if "audio_dir" in i:
-            lines.append(" " * 14 + f"generated audio: {i['audio_dir']}")
     return "\n".join(lines)

@@ -98,6 +98,18 @@ def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
+def copy_tree(src: str, dest: str) -> None:
+    """Every file under the local directory ``src``, sub-folders included, to ``dest`` (local or
+    s3://) at the same relative path."""
+    for folder, subfolders, files in os.walk(src):
+        subfolders.sort()
+        for name in sorted(files):
+            file = os.path.join(folder, name)
+            rel = os.path.relpath(file, src).split(os.sep)
+            with open(file, "rb") as f:
+                write_bytes(join(dest, *rel), f.read())
+
+
 def remove(uri: str) -> None:
     fs, path = fs_and_path(uri)
     if fs.exists(path):

@@ -18,13 +18,14 @@ from lafma.flow import OTPath, heldout_fm_loss
 from lafma.text import pad_embeddings
 from pipelines.core import registry, storage
 from pipelines.core.stage import Stage, StageContext, read_marker
+from pipelines.stages.train import trained_weights
 from pipelines.train.data import unflatten
+from pipelines.train.jobs import JOBS
 from pipelines.train.lfm import LATENT_DIMS
 
 # The package stage's gate metric: the held-out flow-matching loss (``train/fm_loss`` when the
 # dataset has no held-out split). Evaluation replaces it with its own when it runs.
 PACKAGE_GATE_METRIC = "heldout/fm_loss"
-COMPONENT_STAGES = {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
 # Held-out items per forward pass of the gate. Part of the gate's definition, not a speed knob:
 # the noise is seeded per batch (lafma.flow.heldout_fm_loss), so another size would score other
 # problems and a new version could no longer be compared with the champion scored before it.
@@ -56,18 +57,6 @@ def heldout_batches(rows: pa.Table, cfg: LafmaConfig,
         yield x1.to(device), {"context": ctx.to(device), "context_mask": mask.to(device)}
 
 
-def copy_tree(src: str, dest: str) -> None:
-    """Every file under the local directory ``src``, sub-folders included, to ``dest`` (local or
-    s3://) at the same relative path."""
-    for folder, subfolders, files in os.walk(src):
-        subfolders.sort()
-        for name in sorted(files):
-            file = os.path.join(folder, name)
-            rel = os.path.relpath(file, src).split(os.sep)
-            with open(file, "rb") as f:
-                storage.write_bytes(storage.join(dest, *rel), f.read())
-
-
 def packaged_model_uri(package_marker: dict) -> str:
     """What to load for a finished package stage: its bundle directory on a local root (no
     registry round trip), else its registry URI (a bundle on s3:// is not a directory
@@ -90,17 +79,16 @@ class PackageStage(Stage):
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         with tempfile.TemporaryDirectory(prefix="lafma-package-") as tmp:
             weights, components = {}, {}
-            for comp, stage in COMPONENT_STAGES.items():
-                src = ctx.outputs[stage]
-                weights[comp] = os.path.join(tmp, f"src-{comp}.safetensors")
-                with open(weights[comp], "wb") as f:
-                    f.write(storage.read_bytes(storage.join(src, f"{comp}.safetensors")))
-                components[comp] = storage.read_json(storage.join(src, "config.json"))["config"]
+            for job in JOBS.values():  # each trained component, from the stage that trained it
+                weights[job.component] = os.path.join(tmp, f"src-{job.weights_file}")
+                with open(weights[job.component], "wb") as f:
+                    f.write(storage.read_bytes(trained_weights(ctx, job)))
+                components[job.component] = storage.read_json(storage.join(ctx.outputs[job.stage], "config.json"))["config"]
             lineage = {"dataset": ctx.dataset, "storage_root": ctx.root,
                        # A training stage's hash here also counts its steps; its path is where it lives.
                        **{f"{n}_hash": ctx.hashes[n] for n in ("ingest", "audio", "text", *self.needs)},
                        **{f"{n}_path": ctx.outputs[n] for n in ("ingest", "audio", "text", *self.needs)},
-                       **{f"{stage}_run": ctx.run_ids.get(stage, "") for stage in COMPONENT_STAGES.values()}}
+                       **{f"{job.stage}_run": ctx.run_ids.get(job.stage, "") for job in JOBS.values()}}
             bundle = os.path.join(tmp, "bundle")
             manifest = write_bundle(bundle, components=components, weights=weights, lineage=lineage)
             pipe = load_bundle(bundle)  # proves the bundle loads before anyone can promote it
@@ -119,7 +107,7 @@ class PackageStage(Stage):
                                     gate_value=value, tags=tags)
             # Also beside the stage, whole (a bundled text encoder is a sub-folder): servable
             # without the registry, and what generate and evaluate load on a local root.
-            copy_tree(bundle, storage.join(out_dir, "bundle"))
+            storage.copy_tree(bundle, storage.join(out_dir, "bundle"))
         print(f"[package] registered {registry.MODEL_NAME} v{reg.version} ({reg.uri}) as {registry.CANDIDATE}; "
               f"{metric} = {value:.5f} on {rows.num_rows} {split} clips", flush=True)
         return {"model_version": reg.version, "model_uri": reg.uri, "gate_metric": metric, "gate_value": value,
@@ -203,6 +191,9 @@ class GenerateStage(Stage):
         return {"rows": summary["rows"], "rejected": summary["rejected"], "reasons": summary["reasons"],
                 "audio_dir": storage.join(out_dir, "wavs"), "clips_per_second": summary["clips_per_second"],
                 "rtf": summary["rtf"]}
+
+    def summary(self, info: dict) -> list[str]:
+        return [f"generated audio: {info['audio_dir']}"] if "audio_dir" in info else []
 
 
 def log_generations(ctx: StageContext, out_dir: str, limit: int = 8) -> None:

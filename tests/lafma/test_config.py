@@ -167,3 +167,10 @@ def test_the_model_config_knows_no_pipeline_section(tmp_path):
         load_config(write(tmp_path, "train_lfm:\n  steps: 7\n"))
     assert e.value.key == "train_lfm"
     assert load_pipeline_config(write(tmp_path, "train_lfm:\n  steps: 7\n")).train_lfm.steps == 7
+
+
+def test_a_kl_gate_on_an_embedder_without_classes_fails_at_load():
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(None, ["evaluate.embedder=clap", "evaluate.embedder_weights=/x.pt", "evaluate.gate_metric=kl"])
+    assert e.value.key == "evaluate.gate_metric"
+    assert load_pipeline_config(None, ["evaluate.embedder=clap", "evaluate.embedder_weights=/x.pt"]).evaluate.embedder == "clap"

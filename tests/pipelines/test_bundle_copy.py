@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 
 from pipelines.core import storage
-from pipelines.stages.release import copy_tree, packaged_model_uri
+from pipelines.core.storage import copy_tree
+from pipelines.stages.release import packaged_model_uri
 from tests.lafma.test_bundle import small_t5_dir
 from tests.pipelines.conftest import BUCKET
 from tests.pipelines.dag_run import CONFIG
