@@ -1,5 +1,7 @@
-"""The DAG's stages, in order. Each has a ``name``, the stages it ``needs``, a ``key`` (what
-its output path hashes) and ``run`` (which writes everything, then the marker)."""
+"""The DAG's table: its stages, in order. Each is a :class:`~pipelines.core.stage.Stage`: a
+``name``, the stages it ``needs``, a ``key`` (what its output path hashes), ``run`` (which writes
+everything, then the marker) and, where it has something to say, ``done``, ``version``,
+``check`` and ``summary``. Adding a stage is a class in this package and a line here."""
 
 from pipelines.stages.audio import AudioStage
 from pipelines.stages.evaluate import EvaluateStage
