@@ -69,8 +69,13 @@ def test_text_stage_embeds_each_unique_caption_once_plus_the_empty_caption(ray_l
     reports = run_dag(cfg, STAGES, until="text")
     text = storage.read_parquet_dir(outputs(reports)["text"].path).to_pylist()
     captions = [r["caption"] for r in text]
+    # Every caption of the manifest (the text stage needs only ingest), so every clip the
+    # audio stage kept has its embedding, and none is encoded twice.
+    manifest = storage.read_parquet_dir(outputs(reports)["ingest"].path).to_pylist()
+    manifest_captions = {c for r in manifest for c in r["captions"]}
     audio_captions = {r["caption"] for r in read_rows(outputs(reports)["audio"].path)}
-    assert sorted(captions) == sorted(audio_captions | {""}) and len(set(captions)) == len(captions)
+    assert sorted(captions) == sorted(manifest_captions | {""}) and len(set(captions)) == len(captions)
+    assert audio_captions <= set(captions) and len(manifest_captions) > len(audio_captions)  # rejects' too
     from lafma.text import build_text_encoder
 
     encoder = build_text_encoder(cfg.text)
