@@ -17,7 +17,6 @@ after a crash) and no row appears twice.
 from __future__ import annotations
 
 import io
-import os
 import time
 from dataclasses import dataclass
 
@@ -90,11 +89,9 @@ def model_defaults(model: str, root: str) -> dict:
     """The model's own sampler defaults (steps, guidance, solver, duration), from its bundle's
     manifest: read in place from a bundle directory; for a registry URI, only that one file
     is downloaded. Nothing is built."""
-    from lafma.bundle import MANIFEST, read_bundle_manifest
     from pipelines.core.registry import bundle_manifest
 
-    local = os.path.isfile(os.path.join(model, MANIFEST))
-    sampler = (read_bundle_manifest(model) if local else bundle_manifest(model, root=root))["config"]["sampler"]
+    sampler = bundle_manifest(model, root=root)["config"]["sampler"]
     return {k: sampler[k] for k in ("steps", "guidance", "solver", "duration")}
 
 

@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-from pipelines.core.cli import add_config_args, load_or_exit  # noqa: E402
-from pipelines.core.dag import format_summary, run_dag  # noqa: E402
+from pipelines.core.cli import add_config_args, load_or_exit, run_dag_or_exit  # noqa: E402
+from pipelines.core.dag import format_summary  # noqa: E402
 from pipelines.stages import STAGES  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_or_exit(args)
     only = [s for s in args.only.split(",") if s]
-    reports = run_dag(cfg, STAGES, only=only, start=args.start, until=args.until)
+    reports = run_dag_or_exit(cfg, STAGES, only=only, start=args.start, until=args.until)
     print(format_summary(reports))
     return 0
 

@@ -8,8 +8,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-from pipelines.core.cli import add_config_args, load_or_exit  # noqa: E402
-from pipelines.core.dag import format_summary, run_dag, with_needs  # noqa: E402
+from pipelines.core.cli import add_config_args, load_or_exit, run_dag_or_exit  # noqa: E402
+from pipelines.core.dag import format_summary, with_needs  # noqa: E402
 from pipelines.stages import STAGES  # noqa: E402
 
 
@@ -19,5 +19,5 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     add_config_args(p, example=f"{stage}.steps=2000")
     args = p.parse_args(argv)
     cfg = load_or_exit(args)
-    print(format_summary(run_dag(cfg, STAGES, only=with_needs(STAGES, stage))))
+    print(format_summary(run_dag_or_exit(cfg, STAGES, only=with_needs(STAGES, stage))))
     return 0

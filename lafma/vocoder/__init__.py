@@ -8,7 +8,6 @@ from typing import Protocol, runtime_checkable
 from torch import Tensor
 
 from lafma.config import HiFiGANConfig, MelConfig
-from lafma.train.losses import weighted_sum
 from lafma.vocoder.discriminators import (
     HiFiGANDiscriminator,
     MultiPeriodDiscriminator,
@@ -88,5 +87,4 @@ __all__ = [
     "generator_losses",
     "loss_weights",
     "mel_l1_loss",
-    "weighted_sum",
 ]

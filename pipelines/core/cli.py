@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 from lafma.config import ConfigError
 from pipelines.config import PipelineConfig, load_pipeline_config
+from pipelines.core.dag import StageReport, run_dag
+from pipelines.core.stage import Stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -24,6 +27,17 @@ def load_or_exit(args: argparse.Namespace) -> PipelineConfig:
     """The validated config, or exit 2 with the offending key named (no traceback)."""
     try:
         return load_pipeline_config(args.config or [DEFAULT_CONFIG], args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_dag_or_exit(cfg: PipelineConfig, stages: Sequence[Stage], **selection) -> list[StageReport]:
+    """:func:`~pipelines.core.dag.run_dag`, with a config found wrong on the way (a stage's
+    check, e.g. the text width against ``unet.context_dim``) reported like one found at load:
+    the key named, exit 2, no traceback."""
+    try:
+        return run_dag(cfg, stages, **selection)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -226,6 +226,8 @@ def bundle_manifest(uri: str, *, root: str) -> dict:
 
     from lafma.bundle import MANIFEST, read_bundle_manifest
 
+    if os.path.isfile(os.path.join(uri, MANIFEST)):  # a bare bundle directory: read in place
+        return read_bundle_manifest(uri)
     tracking.configure(root)
     bundle = Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]  # e.g. artifacts/bundle
     with tempfile.TemporaryDirectory(prefix="lafma-manifest-") as tmp:

@@ -71,7 +71,7 @@ def caption_embeddings(text_dir: str, captions: list[str]) -> np.ndarray:
     return np.stack([pooled[caption_key(c)] for c in captions])
 
 
-def build_embedder(cfg: PipelineConfig, root: str):
+def evaluation_embedder(cfg: PipelineConfig, root: str):
     from lafma.metrics.embedders import build_embedder as build
     from lafma.metrics.embedders.aisfx import ensure_aisfx_weights
 
@@ -118,7 +118,7 @@ class EvaluateStage(Stage):
             raise ValueError(f"evaluate needs at least 4 held-out clips ({'/'.join(HELD_OUT)} splits); found {len(held)}")
         train = load_clips(ctx.outputs["audio"], ("train",), TRAIN_CLIPS)
         sr = cfg.mel.sample_rate
-        embedder = build_embedder(cfg, ctx.root)
+        embedder = evaluation_embedder(cfg, ctx.root)
         print(f"[evaluate] {len(held)} held-out clips, {len(train)} training clips; embedder {embedder.name}", flush=True)
 
         gen, seconds_per_clip = self._generate(ctx, held, out_dir, "generated", s.steps, pkg)

@@ -50,6 +50,7 @@ def ensure_demo_corpus(ctx: StageContext) -> str:
 
 class IngestStage(Stage):
     name = "ingest"
+
     def key(self, ctx: StageContext) -> dict:
         d = ctx.cfg.data
         if not d.manifest:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 
 from lafma.config import to_dict
@@ -15,7 +17,7 @@ from pipelines.core.stage import (
     run_shards,
     write_shard,
 )
-from pipelines.stages.text import caption_key
+from pipelines.stages.text import caption_key, recorded_width
 from pipelines.train.jobs import JOBS, JobSpec
 
 # One row per (clip, caption). ``mean``/``logvar`` are the posterior's (C, T', F') moments
@@ -205,8 +207,6 @@ def latent_stats(latents_dir: str) -> dict:
 
 def resolve_scale_factor(cfg: PipelineConfig, latents_marker: dict) -> PipelineConfig:
     """``vae.scale_factor: 0`` → 1 / std of the training latents; any other value is kept."""
-    import dataclasses
-
     if cfg.vae.scale_factor > 0:
         return cfg
     std = latents_marker.get("latent_std")
@@ -248,6 +248,9 @@ class TrainLFMStage(_TrainStage):
         from pipelines.train.launch import train_job
 
         cfg = resolve_scale_factor(ctx.cfg, read_marker(ctx.outputs["latents"]) or {})
+        # The width the text stage recorded, made explicit: the workers, the exported config and
+        # so the bundle build the UNet that wide, whether or not they can see the encoder's files.
+        cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, context_dim=recorded_width(ctx.outputs["text"])))
         null = empty_caption_embedding(ctx.outputs["text"])
         extra = {"vae_weights": trained_weights(ctx, JOBS["vae"]),
                  "vocoder_weights": trained_weights(ctx, JOBS["vocoder"]),

@@ -55,7 +55,3 @@ JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (
             columns=("mean", "logvar", *LATENT_DIMS, "emb", "length"), build=lfm_job),
 )}
 
-
-def component_stages() -> dict[str, str]:
-    """Each exported component → the stage that trains it: ``{"vae": "train_vae", …, "unet": "train_lfm"}``."""
-    return {spec.component: spec.stage for spec in JOBS.values()}

@@ -41,3 +41,13 @@ def test_config_error_is_reported_with_its_key():
     out = run("describe", "--config", "configs/test.yaml", "unet.model_chanels=64")
     assert out.returncode == 2
     assert "unet.model_chanels" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_library_cli_describes_a_model_config_and_names_a_pipeline_section():
+    """``python -m lafma.cli`` reads only the model's sections (lafma/ knows no pipeline)."""
+    lib = [sys.executable, "-m", "lafma.cli", "describe", "--json", "--config"]
+    out = subprocess.run([*lib, "configs/lafma_audiocaps.yaml"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["latent_shape"] == [8, 256, 16]
+    out = subprocess.run([*lib, "configs/demo.yaml"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "unknown key" in out.stderr

@@ -9,6 +9,7 @@ import torch
 
 from lafma.audio.mel import MelSpectrogram
 from lafma.config import HiFiGANConfig, HiFiGANLossConfig, MelConfig
+from lafma.train import weighted_sum
 from lafma.vocoder import (
     GriffinLimVocoder,
     HiFiGANDiscriminator,
@@ -24,7 +25,6 @@ from lafma.vocoder import (
     loss_weights,
     mel_l1_loss,
     vocoder_by_kind,
-    weighted_sum,
 )
 
 SR = 16000

@@ -108,3 +108,27 @@ def test_the_summary_shows_each_stage_its_own_lines(ray_local, tmp_path):
     reports = run_dag(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}"]), [Fine()])
     assert reports[0].notes == ["width 7"]
     assert "\n" + " " * 14 + "width 7" in format_summary(reports)
+
+
+def test_a_config_found_wrong_by_a_check_exits_2_naming_the_key(ray_local, tmp_path, capsys):
+    from lafma.config import ConfigError
+    from pipelines.core.cli import run_dag_or_exit
+
+    class Narrow(Vetoer):
+        def check(self, ctx, marker):
+            raise ConfigError("unet.context_dim", f"produced {marker['width']}-d embeddings")
+
+    with pytest.raises(SystemExit) as e:
+        run_dag_or_exit(load_pipeline_config(CONFIG, [f"storage.root={tmp_path}"]), [Narrow()])
+    assert e.value.code == 2
+    assert "config error: unet.context_dim: produced 7-d embeddings" in capsys.readouterr().err
+
+
+def test_training_stages_version_by_the_steps_they_reached():
+    """What makes a resumed-to-more-steps training stage invalidate its dependants (above)."""
+    from pipelines.stages import STAGES
+
+    by_name = {s.name: s for s in STAGES}
+    for name in ("train_vae", "train_vocoder", "train_lfm"):
+        assert by_name[name].version({"steps": 7}) == 7
+    assert all(by_name[n].version({"steps": 7}) is None for n in ("ingest", "audio", "text", "latents", "package"))

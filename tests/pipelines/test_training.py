@@ -19,7 +19,7 @@ from pipelines.stages import STAGES
 from pipelines.stages.audio import SCHEMA as AUDIO_SCHEMA
 from pipelines.stages.train import LATENT_SCHEMA
 from pipelines.train.data import unflatten
-from pipelines.train.jobs import JOBS, component_stages
+from pipelines.train.jobs import JOBS
 from tests.pipelines.dag_run import (
     CKPT_EVERY,
     CONFIG,
@@ -40,7 +40,7 @@ def history(root: Path, run_id: str, key: str) -> list[float]:
 
 
 def test_the_job_table_ties_each_job_to_its_stage_section_input_and_export():
-    assert component_stages() == {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
+    assert {s.component: s.stage for s in JOBS.values()} == {"unet": "train_lfm", "vae": "train_vae", "vocoder": "train_vocoder"}
     stages = {s.name: s for s in STAGES}
     inputs = {"vae": AUDIO_SCHEMA, "vocoder": AUDIO_SCHEMA, "lfm": LATENT_SCHEMA}
     for name, spec in JOBS.items():
