@@ -176,7 +176,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     zero_stage: int = 2
-    # "auto": bf16 on GPU, fp32 on CPU.
+    # "auto": bf16 on GPU, fp32 on CPU. "bf16" on a CPU: only where it has native bf16
+    # (pipelines.train.engines.use_bf16). Weights stay fp32 either way (autocast).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     num_workers: int = 1
     cpus_per_worker: float = 1.0

@@ -62,8 +62,8 @@ def deepspeed_config(*, micro_batch_per_gpu: int, grad_accum: int, zero_stage: i
         zero_stage: 0 (plain data parallel), 1 (optimizer state sharded), 2 (+ gradients
             sharded) or 3 (+ parameters sharded).
         grad_clip: Global gradient-norm clip; 0 disables clipping.
-        bf16: bf16 autocast in the forward, fp32 weights. GPU only: callers
-            pass ``cfg.bf16 and torch.cuda.is_available()`` (CPU bf16 is slow and untested).
+        bf16: bf16 autocast in the forward, fp32 weights (the caller decides:
+            :func:`pipelines.train.engines.use_bf16`).
         bucket_elements: Elements per gradient-reduction / all-gather bucket.
 
     Returns:

@@ -20,7 +20,6 @@ from lafma.train import weighted_sum
 from pipelines.config import TrainConfig
 from pipelines.core.tracking import RunLogger
 from pipelines.train.data import epochs
-from pipelines.train.engines import build_engine
 from pipelines.train.loop import Job, JobInputs
 
 # Named unweighted terms and their lambdas (keys the terms lack are skipped).
@@ -119,8 +118,8 @@ def gan_job(task: GANTask, inputs: JobInputs) -> Job:
     """The task's generator and discriminator as two engines, its batch stream, step and samples."""
     t, device = task.train, inputs.device
     generator, discriminator = task.models()
-    gen = build_engine(generator, t, t.lr, inputs.bf16)
-    disc = build_engine(discriminator, t, t.disc_lr or t.lr, inputs.bf16)
+    gen = inputs.engine(generator, t, t.lr, inputs.bf16)
+    disc = inputs.engine(discriminator, t, t.disc_lr or t.lr, inputs.bf16)
     kept: dict[str, Tensor] = {}
 
     def batches() -> Iterator[dict[str, Tensor]]:

@@ -16,7 +16,6 @@ from lafma.train import EMA, lfm_loss
 from lafma.vae import DiagonalGaussian
 from pipelines.core.tracking import RunLogger, mel_image
 from pipelines.train.data import epochs, unflatten
-from pipelines.train.engines import build_engine
 from pipelines.train.loop import Job, JobInputs
 from pipelines.train.weights import load_weights
 
@@ -38,7 +37,7 @@ def lfm_job(inputs: JobInputs) -> Job:
     """
     cfg, device, extra = inputs.cfg, inputs.device, inputs.extra
     t, s = cfg.train_lfm, cfg.sampler
-    engine = build_engine(build_unet(cfg), t, t.lr, inputs.bf16)
+    engine = inputs.engine(build_unet(cfg), t, t.lr, inputs.bf16)
     ema = EMA(engine.module, t.ema_decay).to(device)
     decoder = vocoder = None
     if extra.get("vae_weights"):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from pipelines.config import PipelineConfig, TrainConfig
 from pipelines.core.tracking import RunLogger
+from pipelines.train.engines import build_engine
 
 
 @dataclass
@@ -33,6 +34,8 @@ class JobInputs:
         bf16: train in bf16.
         extra: the launch's job-specific inputs (the LFM's ``null_emb``, ``vae_weights``,
             ``vocoder_weights``).
+        engine: ``(model, train, lr, bf16) -> engine`` (:func:`~pipelines.train.engines.build_engine`;
+            the benchmark's plain-PyTorch baseline passes ``PlainEngine``).
     """
 
     cfg: PipelineConfig
@@ -40,6 +43,7 @@ class JobInputs:
     device: torch.device
     bf16: bool
     extra: Mapping[str, Any] = field(default_factory=dict)
+    engine: Callable[..., Any] = build_engine
 
 
 @dataclass
