@@ -227,22 +227,68 @@ def system_metrics(run_id: str | None, *, rank: int = 0, tracking: str | None = 
             monitor.finish()
 
 
-def mel_image(mels: list[tuple[str, np.ndarray]], *, sample_rate: int, hop_length: int) -> bytes:
-    """PNG, a panel per ``(title, mel: (n_mels, T))``, one colour scale (to compare by eye)."""
-    from matplotlib.figure import Figure  # not pyplot: no global state; png renders with Agg
+def _mel_arrays(mels: list[tuple[str, Any]]) -> list[np.ndarray]:
     arrays = [_to_numpy(m) for _, m in mels]
     if not arrays or any(a.ndim != 2 for a in arrays):
         raise ValueError(f"need (title, (n_mels, T)) pairs, got {[a.shape for a in arrays]}")
+    return arrays
+
+
+def _colour_range(arrays: list[np.ndarray]) -> tuple[float, float]:
+    """(vmin, vmax) over every finite value of ``arrays``: one scale, so panels compare by eye."""
     finite = np.concatenate([a[np.isfinite(a)] for a in arrays])
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return vmin, max(vmax, vmin + 1e-6)  # a constant mel still needs a valid range
+
+
+def _draw_mel(ax: Any, a: np.ndarray, vrange: tuple[float, float], sample_rate: int, hop_length: int) -> Any:
+    """``a: (n_mels, T)`` on ``ax`` with time in seconds; returns the image (for a colour bar)."""
+    return ax.imshow(a, origin="lower", aspect="auto", interpolation="nearest", cmap="magma",
+                     vmin=vrange[0], vmax=vrange[1],
+                     extent=(0, a.shape[1] * hop_length / sample_rate, 0, a.shape[0]))
+
+
+def _png(fig: Any) -> bytes:
+    fig.savefig(buf := io.BytesIO(), format="png", dpi=100)
+    return buf.getvalue()
+
+
+def mel_image(mels: list[tuple[str, np.ndarray]], *, sample_rate: int, hop_length: int) -> bytes:
+    """PNG, a panel per ``(title, mel: (n_mels, T))``, one colour scale (to compare by eye)."""
+    from matplotlib.figure import Figure  # not pyplot: no global state; png renders with Agg
+    arrays = _mel_arrays(mels)
+    vrange = _colour_range(arrays)
     fig = Figure(figsize=(8, 1 + 2 * len(arrays)), layout="constrained")
     axes = fig.subplots(len(arrays), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (title, _), a in zip(axes, mels, arrays, strict=True):
-        image = ax.imshow(a, origin="lower", aspect="auto", interpolation="nearest", cmap="magma",
-                          vmin=vmin, vmax=max(vmax, vmin + 1e-6),  # constant mel: valid range
-                          extent=(0, a.shape[1] * hop_length / sample_rate, 0, a.shape[0]))
+        image = _draw_mel(ax, a, vrange, sample_rate, hop_length)
         ax.set(title=title, ylabel="mel bin")
     axes[-1].set_xlabel("time (s)")
     fig.colorbar(image, ax=list(axes), label="log magnitude")
-    fig.savefig(buf := io.BytesIO(), format="png", dpi=100)
-    return buf.getvalue()
+    return _png(fig)
+
+
+def mel_grid(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], *, sample_rate: int,
+             hop_length: int) -> bytes:
+    """PNG, one titled row per ``(row title, [(panel title, mel: (n_mels, T)), ...])``, every
+    row with the same number of panels side by side and the whole sheet on one colour scale
+    (so a panel compares with any other, across rows too). 4 x 2.5 inches a panel at 100 dpi,
+    plus 1 inch of width for the colour bar and half an inch of height for the margins."""
+    from matplotlib.figure import Figure
+    arrays = [_mel_arrays(panels) for _, panels in rows]
+    if not arrays or len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"need rows with the same number of panels, got {[len(a) for a in arrays]}")
+    vrange = _colour_range([a for row in arrays for a in row])
+    cols = len(arrays[0])
+    fig = Figure(figsize=(4 * cols + 1, 0.5 + 2.5 * len(rows)), layout="constrained")
+    # Subfigures give each row its own title (the caption) above its panels' titles.
+    sheet, bar = fig.subfigures(1, 2, width_ratios=(4 * cols, 1))
+    for sub, (caption, panels), row in zip(np.atleast_1d(sheet.subfigures(len(rows), 1)), rows, arrays,
+                                           strict=True):
+        sub.suptitle(caption, fontweight="bold")
+        for col, (ax, (title, _), a) in enumerate(zip(sub.subplots(1, cols, squeeze=False)[0], panels, row,
+                                                      strict=True)):
+            image = _draw_mel(ax, a, vrange, sample_rate, hop_length)
+            ax.set(title=title, xlabel="time (s)", ylabel="mel bin" if col == 0 else None)
+    bar.colorbar(image, cax=bar.add_subplot(), label="log magnitude")
+    return _png(fig)

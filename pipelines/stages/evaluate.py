@@ -4,6 +4,8 @@ the held-out real audio, log everything to MLflow and hand the gate metric to pr
 Every number is labelled with the embedder that measured it (name and SHA-256 of its
 weights). Reference rows make the scale readable: real vs real (two halves of the held-out
 set), the vocoder's rendering of real mels, and the VAE + vocoder round trip of real mels.
+A spectrogram sheet puts a few held-out captions' generated clips beside a real clip of each
+caption and that clip's VAE + vocoder round trip.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from lafma.config import MelConfig
 from lafma.data.captions import derive_seed, safe_name
 from lafma.metrics import Embedded, frechet_distance_from_embeddings, score_generations
 from pipelines.config import PipelineConfig
@@ -34,6 +37,9 @@ EMBED_BATCH = 16
 # would only lengthen loading and embedding them.
 TRAIN_CLIPS = 1024
 LOGGED_CLIPS = 64  # generated held-out clips whose audio is logged to MLflow
+# Held-out clips drawn in the spectrogram sheet: rows enough to see a pattern, few enough
+# that the sheet stays one image a reader takes in at once.
+SHEET_ROWS = 8
 # Higher is better only for the text-audio score.
 HIGHER_IS_BETTER = {"text_audio"}
 
@@ -100,6 +106,39 @@ def embed(embedder, waves: list[np.ndarray], sample_rate: int) -> Embedded:
     return Embedded(np.concatenate(feats), np.concatenate(embs), np.concatenate(logits) if logits else None)
 
 
+def sheet_rows(held: list[dict], n: int = SHEET_ROWS) -> list[int]:
+    """Indices of the ``n`` clips of ``held`` the spectrogram sheet draws: the first clip of each
+    caption in ``held`` order (by id: the same clips every run), then its repeats if too few."""
+    seen: set[str] = set()
+    first, again = [], []
+    for i, c in enumerate(held):
+        (again if c["caption"] in seen else first).append(i)
+        seen.add(c["caption"])
+    return (first + again)[:n]
+
+
+def spectrogram_sheet(mel_cfg: MelConfig, held: list[dict], gen: list[np.ndarray],
+                      roundtrip: list[np.ndarray]) -> bytes:
+    """PNG: a row per :func:`sheet_rows` clip, titled with its caption: the generated clip, the
+    real clip and its VAE + vocoder round trip. All three are mels of waveforms, by one
+    transform, so the panels compare (the stored real mel is that transform of its waveform)."""
+    from lafma.audio.mel import MelSpectrogram
+    from pipelines.core.tracking import mel_grid
+
+    to_mel = MelSpectrogram.from_config(mel_cfg)
+
+    def mel(wav: np.ndarray) -> torch.Tensor:
+        return to_mel(torch.from_numpy(np.ascontiguousarray(wav, np.float32)))  # (N,) -> (n_mels, N // hop)
+
+    rows = []
+    with torch.no_grad():
+        for i in sheet_rows(held):
+            c = held[i]
+            rows.append((c["caption"][:120], [("generated", mel(gen[i])), (f"real: {c['id']}", mel(c["waveform"])),
+                                              ("VAE + vocoder round trip", mel(roundtrip[i]))]))
+    return mel_grid(rows, sample_rate=mel_cfg.sample_rate, hop_length=mel_cfg.hop_length)
+
+
 class EvaluateStage(Stage):
     """Generate the held-out captions with the candidate, score them against the held-out real
     audio (see the module docstring) and hand the gate metric to the registry."""
@@ -141,13 +180,17 @@ class EvaluateStage(Stage):
         gate_name = f"{e.gate_metric}/{embedder.name}"
         registry.set_gate(pkg["model_version"], root=ctx.root, metric=gate_name, value=gate_value,
                           lower_is_better=e.gate_metric not in HIGHER_IS_BETTER)
-        self._log(ctx, held, gen, scores.text_audio_per_clip, flat, embedder, sweep, out_dir)
+        sheet = storage.join(out_dir, "spectrograms.png")
+        storage.write_bytes(sheet, png := spectrogram_sheet(cfg.mel, held, gen, roundtrip))
+        self._log(ctx, held, gen, scores.text_audio_per_clip, flat, embedder, sweep, out_dir, png)
         print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
         return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
-                "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep}
+                "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep,
+                "spectrograms": sheet}
 
     def summary(self, info: dict) -> list[str]:
-        """The headline numbers beside their references, and the attribute accuracies."""
+        """The headline numbers beside their references, the attribute accuracies and the
+        spectrogram sheet's path."""
         if "metrics" not in info:
             return []
         m, nan = info["metrics"], float("nan")
@@ -157,6 +200,8 @@ class EvaluateStage(Stage):
         attrs = [f"{k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.startswith("attr/") and k.endswith("/accuracy")]
         if attrs:
             lines.append("attribute accuracy on held-out captions: " + ", ".join(attrs))
+        if "spectrograms" in info:
+            lines.append(f"spectrogram sheet: {info['spectrograms']}")
         return lines
 
     def _generate(self, ctx: StageContext, held: list[dict], out_dir: str, name: str, steps: int,
@@ -207,7 +252,7 @@ class EvaluateStage(Stage):
             print(f"[evaluate] {steps} steps: fd {out[steps]['fd']:.4g}, {seconds:.3f} s/clip", flush=True)
         return out
 
-    def _log(self, ctx, held, gen, per_clip_ta, flat, embedder, sweep, out_dir) -> None:
+    def _log(self, ctx, held, gen, per_clip_ta, flat, embedder, sweep, out_dir, sheet_png) -> None:
         import pandas as pd
         from mlflow import MlflowClient
 
@@ -220,6 +265,7 @@ class EvaluateStage(Stage):
         if not logger.enabled:
             return
         logger.log_metrics(flat, step=0)
+        logger.log_image(sheet_png, "eval/spectrograms.png")
         logger.set_tags({f"lafma.{k}": v for k, v in embedder.describe().items()})
         # The first LOGGED_CLIPS clips' audio goes to MLflow (the table points at it); the
         # table points every other row at its file in the stage's output.

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 from mlflow import MlflowClient
+from PIL import Image
 
 from pipelines.core import registry, tracking
 from pipelines.stages import STAGES
+from pipelines.stages.evaluate import SHEET_ROWS, sheet_rows
 
 ROOT = Path(__file__).parents[2]
 
@@ -80,6 +82,20 @@ def test_evaluate_scores_the_candidate_and_hands_its_metric_to_the_gate(trained)
     audio = {a.path for a in client(root).list_artifacts(run, "eval/generated")}
     paths = [row[table["columns"].index("audio")] for row in table["data"]]
     assert len(paths) == ev["rows"] and set(paths) == audio  # every row's audio, logged beside it
+    # The spectrogram sheet: in the stage's output, named in the summary, logged to the run; a
+    # row of three 4 x 2.5-inch panels per drawn caption (tracking.mel_grid's layout at 100 dpi).
+    sheet = Path(ev["spectrograms"])
+    assert sheet == Path(reports["evaluate"].path) / "spectrograms.png" and "eval/spectrograms.png" in arts
+    assert f"spectrogram sheet: {sheet}" in reports["evaluate"].notes
+    assert np.asarray(Image.open(sheet).convert("RGB")).shape == (50 + 250 * min(SHEET_ROWS, ev["rows"]), 1300, 3)
+    assert Path(client(root).download_artifacts(run, "eval/spectrograms.png")).read_bytes() == sheet.read_bytes()
+
+
+def test_the_spectrogram_sheet_draws_each_caption_once_before_any_twice():
+    held = [{"caption": c} for c in "aabcbdefghij"]
+    assert sheet_rows(held, 4) == [0, 2, 3, 5]  # first of a, b, c, d: id order, no repeat
+    assert sheet_rows(held[:4], 4) == [0, 2, 3, 1]  # three captions for four rows: a repeat last
+    assert SHEET_ROWS == 8 and sheet_rows(held) == [0, 2, 3, 5, 6, 7, 8, 9]  # capped, still distinct
 
 
 def test_demo_generation_left_audio_a_manifest_and_spectrograms_in_mlflow(trained):

@@ -194,6 +194,50 @@ def test_image_audio_text_artifacts(root, experiment, tmp_path):
     assert "step: 10" in _download(root, run_id, "meta.yaml", out).read_text()
 
 
+def test_mel_grid_draws_a_row_of_panels_per_title_on_one_colour_scale():
+    import matplotlib.image
+    from matplotlib import colormaps
+
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, cols: int = 3, frames: int = 100) -> list:
+        return [(f"caption {i}", [(f"panel {j}", rng.normal(size=(64, frames)).astype(np.float32))
+                                  for j in range(cols)]) for i in range(n)]
+
+    one = tracking.mel_grid(rows(1), sample_rate=16000, hop_length=160)
+    four = tracking.mel_grid(rows(4, frames=50), sample_rate=16000, hop_length=160)
+    assert one.startswith(b"\x89PNG") and four.startswith(b"\x89PNG")
+    # 4 x 2.5 inches a panel + a 1-inch colour bar and 0.5 inch of margins, at 100 dpi.
+    assert matplotlib.image.imread(io.BytesIO(one), format="png").shape[:2] == (300, 1300)
+    assert Image.open(io.BytesIO(four)).size == (1300, 1050)
+    assert Image.open(io.BytesIO(tracking.mel_grid(rows(2, cols=2), sample_rate=16000,
+                                                   hop_length=160))).size == (900, 550)
+    # One scale for the sheet: a row of zeros draws in the colour map's darkest colour and a
+    # row of ones (tensors, as a model returns them) in its brightest; a scale per row or per
+    # panel would draw both rows dark (a constant panel sits at the bottom of its own range).
+    flat = [("low", [("a", np.zeros((8, 10))), ("b", np.zeros((8, 10)))]),
+            ("high", [("a", torch.ones(8, 10)), ("b", torch.ones(8, 10))])]
+    img = np.asarray(Image.open(io.BytesIO(tracking.mel_grid(flat, sample_rate=16000, hop_length=160)))
+                     .convert("RGB")).astype(int)
+    top, bottom = img[: len(img) // 2], img[len(img) // 2 :]
+
+    def share(pixels: np.ndarray, value: float) -> float:  # of pixels in the colour of ``value``
+        colour = np.round(np.array(colormaps["magma"](value)[:3]) * 255)
+        return float((np.abs(pixels - colour).max(-1) <= 2).mean())
+
+    assert share(top, 0.0) > 0.3 and share(bottom, 0.0) < 0.01
+    assert share(bottom, 1.0) > 0.3 and share(top, 1.0) < 0.01
+    bad = [
+        [],  # no rows
+        [("empty", [])],  # a row without panels
+        [("3-d", [("x", np.zeros((1, 64, 10)))])],
+        rows(1, cols=3) + rows(1, cols=2),  # ragged: not a grid
+    ]
+    for b in bad:
+        with pytest.raises(ValueError):
+            tracking.mel_grid(b, sample_rate=16000, hop_length=160)
+
+
 def test_find_run_by_tags(root, experiment):
     def start(config_hash: str) -> str:
         tags = {"lafma.stage": "train_vae", "lafma.config_hash": config_hash}
