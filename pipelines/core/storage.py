@@ -85,6 +85,12 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return names
 
 
+def size(uri: str) -> int:
+    """Bytes in the file at ``uri``."""
+    fs, path = fs_and_path(uri)
+    return int(fs.size(path))
+
+
 def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
 

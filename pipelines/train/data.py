@@ -4,16 +4,64 @@ Random crops happen in the training worker from the global RNG, which the checkp
 per rank, so a resumed run continues the same random stream. Every tensor is reshaped from
 the shape stored with it (the audio stage's ``n_mels``/``frames``, the latents'
 ``latent_channels``/``latent_frames``/``latent_bins``), never from the config.
+
+The order examples are trained in is a function of the data, the seed and the rank when the
+dataset is small enough for every worker to read it whole (:data:`REPLICATE_BYTES`): each
+worker sorts the rows by the job's key columns, keeps every ``world``-th one from its rank on,
+and shuffles them per epoch from ``seed + epoch`` (:class:`RankRows`). Ray Data's streaming
+split, used for larger datasets, hands blocks to whichever worker asks first, so there which
+rows a worker sees, and when, varies from run to run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipelines.core import storage
+
+
+# Datasets up to this many bytes of Parquet are read whole by every training worker, which
+# keeps its share by rank (deterministic order); larger ones are streamed and split by Ray Data.
+REPLICATE_BYTES = 512 << 20
+
+
+def fits_every_worker(data_dir: str) -> bool:
+    """Whether the Parquet shards under ``data_dir`` are small enough for :class:`RankRows`."""
+    return sum(storage.size(f) for f in storage.list_files(data_dir, ".parquet")) <= REPLICATE_BYTES
+
+
+@dataclass
+class RankRows:
+    """This rank's share of a dataset every worker reads whole, in an order fixed by the data.
+
+    Attributes:
+        dataset: the worker's iterator over the whole dataset (``get_dataset_shard`` of an
+            unsplit dataset).
+        rank, world: this worker's rank and the number of workers.
+        order: columns that sort the rows into one order regardless of how they were read
+            (e.g. ``("id",)``; the latents add ``caption_key``).
+    """
+
+    dataset: Any
+    rank: int
+    world: int
+    order: Sequence[str]
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """This rank's rows (every ``world``-th of the sorted rows, from ``rank`` on), as columns."""
+        batches = list(self.dataset.iter_batches(batch_size=1024, batch_format="numpy"))
+        if not batches:
+            return {}
+        cols = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        keys = list(zip(*(cols[k].tolist() for k in self.order)))
+        sorted_rows = sorted(range(len(keys)), key=keys.__getitem__)
+        mine = np.asarray(sorted_rows[self.rank :: self.world], dtype=np.int64)
+        return {k: v[mine] for k, v in cols.items()}
 
 
 def parquet_dataset(out_dir: str, columns: Sequence[str], split: str | None = "train"):
@@ -95,6 +143,13 @@ def epochs(shard, batch_size: int, seed: int, cache_bytes: int = 2 << 30) -> Ite
     in lock-step across workers), which dominated small datasets, where an epoch is a dozen
     steps. Larger shards stream every epoch.
     """
+    if isinstance(shard, RankRows):
+        columns = shard.columns()
+        rows = len(next(iter(columns.values()))) if columns else 0
+        if rows < batch_size:
+            raise ValueError(f"a worker's data shard holds {rows} rows, fewer than batch_size={batch_size}")
+        yield from _shuffled_epochs(columns, batch_size, seed, first=0)
+        return
     kept: list[dict] | None = []
     size, n = 0, 0
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
@@ -112,9 +167,15 @@ def epochs(shard, batch_size: int, seed: int, cache_bytes: int = 2 << 30) -> Ite
     if kept is None:
         yield from _streamed_epochs(shard, batch_size, seed)
         return
-    columns = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+    yield from _shuffled_epochs({k: np.concatenate([b[k] for b in kept]) for k in kept[0]}, batch_size, seed,
+                                first=1)
+
+
+def _shuffled_epochs(columns: dict[str, np.ndarray], batch_size: int, seed: int,
+                     first: int) -> Iterator[dict[str, np.ndarray]]:
+    """Endless epochs of in-memory ``columns``, epoch e in the order drawn from ``seed + e``."""
     rows = len(next(iter(columns.values())))
-    epoch = 1
+    epoch = first
     while True:
         order = np.random.default_rng(seed + epoch).permutation(rows)
         for start in range(0, rows - batch_size + 1, batch_size):

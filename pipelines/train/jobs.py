@@ -28,6 +28,8 @@ class JobSpec:
         component: what it exports: ``<component>.safetensors``, and the bundle's component.
         columns: the Parquet columns it reads from its input stage (``split`` is always read).
         build: builds the job's engines, batch stream and step inside a worker.
+        order: columns (also read) that put its rows in one order, whatever order they are read
+            in (:class:`~pipelines.train.data.RankRows`).
     """
 
     name: str
@@ -36,6 +38,7 @@ class JobSpec:
     component: str
     columns: tuple[str, ...]
     build: Callable[[JobInputs], Job]
+    order: tuple[str, ...] = ("id",)
 
     @property
     def weights_file(self) -> str:
@@ -52,6 +55,7 @@ JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (
     JobSpec("vocoder", section="train_vocoder", stage="train_vocoder", component="vocoder",
             columns=("mel", "n_mels", "frames", "waveform"), build=vocoder_job),
     JobSpec("lfm", section="train_lfm", stage="train_lfm", component="unet",
-            columns=("mean", "logvar", *LATENT_DIMS, "emb", "length"), build=lfm_job),
+            columns=("mean", "logvar", *LATENT_DIMS, "emb", "length"), build=lfm_job,
+            order=("id", "caption_key")),
 )}
 
