@@ -247,9 +247,14 @@ class FlowConfig:
     sigma_min: float = 0.0
     time_scale: float = 999.0
     cond_dropout: float = 0.1
+    # Training times: "uniform" (the paper) or "logit_normal" (SD3, ETTA) with this mean and std.
+    t_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    t_mean: float = 0.0
+    t_std: float = 1.0
 
     def validate(self, prefix: str = "flow") -> None:
         require(0 <= self.sigma_min < 1, f"{prefix}.sigma_min", "must be in [0, 1)")
+        require(self.t_std > 0, f"{prefix}.t_std", "must be positive")
         require(self.time_scale > 0, f"{prefix}.time_scale", "must be positive")
         require(0 <= self.cond_dropout <= 1, f"{prefix}.cond_dropout", "must be in [0, 1]")
 

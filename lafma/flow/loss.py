@@ -10,6 +10,22 @@ from torch import Tensor
 from lafma.flow.path import OTPath
 
 
+def sample_times(n: int, kind: str = "uniform", *, mean: float = 0.0, std: float = 1.0,
+                 device: torch.device | str | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Training times t ∈ (0, 1), (n,).
+
+    ``uniform``: U[0, 1] (LAFMA, Lipman et al.). ``logit_normal``: sigmoid(N(mean, std²)), SD3's
+    and ETTA's choice, which spends the updates on the middle of the path, where the velocity
+    is hardest to predict, and few on its ends (mean 0: symmetric, so it reads the same whether
+    t = 0 is noise or data).
+    """
+    if kind == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if kind == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+    raise ValueError(f"unknown time sampling {kind!r}: uniform or logit_normal")
+
+
 def flow_matching_loss(velocity: Callable[..., Tensor], x1: Tensor, path: OTPath, *,
                        t: Tensor | None = None, x0: Tensor | None = None,
                        generator: torch.Generator | None = None, **cond: Tensor) -> Tensor:

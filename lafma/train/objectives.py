@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lafma.flow import OTPath, drop_condition, flow_matching_loss
+from lafma.flow import OTPath, drop_condition, flow_matching_loss, sample_times
 
 
 def lfm_loss(unet: nn.Module, latents: Tensor, context: Tensor, mask: Tensor, *, path: OTPath,
-             null_context: Tensor, null_mask: Tensor, cond_dropout: float,
+             null_context: Tensor, null_mask: Tensor, cond_dropout: float, t_sampling: str = "uniform",
+             t_mean: float = 0.0, t_std: float = 1.0,
              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
     """The LFM objective with condition dropout (for classifier-free guidance).
 
@@ -20,10 +21,13 @@ def lfm_loss(unet: nn.Module, latents: Tensor, context: Tensor, mask: Tensor, *,
         path: the OT path (σ_min).
         null_context, null_mask: the empty caption's embedding, what dropped items see.
         cond_dropout: probability of dropping an item's caption.
+        t_sampling, t_mean, t_std: how training times are drawn (:func:`lafma.flow.sample_times`).
 
     Returns:
         ``(loss, logs)`` with the fraction of dropped captions in ``logs``.
     """
     context, mask, dropped = drop_condition(context, mask, null_context, null_mask, cond_dropout, generator)
-    loss = flow_matching_loss(unet, latents, path, generator=generator, context=context, context_mask=mask)
+    t = sample_times(latents.shape[0], t_sampling, mean=t_mean, std=t_std, device=latents.device,
+                     generator=generator)
+    loss = flow_matching_loss(unet, latents, path, t=t, generator=generator, context=context, context_mask=mask)
     return loss, {"cond_dropped": float(dropped.float().mean())}

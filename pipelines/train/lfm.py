@@ -69,7 +69,8 @@ def lfm_job(inputs: JobInputs) -> Job:
             return engine(x, tt, context=context, context_mask=context_mask)
 
         loss, logs = lfm_loss(velocity, batch["x1"], batch["ctx"], batch["mask"], path=path, null_context=null_ctx,
-                              null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout)
+                              null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout,
+                              t_sampling=cfg.flow.t_sampling, t_mean=cfg.flow.t_mean, t_std=cfg.flow.t_std)
         engine.backward(loss)
         updates = engine.global_steps
         engine.step()

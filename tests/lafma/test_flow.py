@@ -175,3 +175,18 @@ def test_condition_dropout_replaces_with_the_empty_caption():
     assert not out_mask[~dropped][:, 4:].any()
     assert not drop_condition(ctx, mask, null, null_mask, 0.0)[2].any()
     assert drop_condition(ctx, mask, null, null_mask, 1.0)[2].all()
+
+
+def test_logit_normal_times_gather_in_the_middle_of_the_path():
+    from lafma.flow import sample_times
+
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_times(20000, "uniform", generator=g)
+    logit = sample_times(20000, "logit_normal", generator=g)
+    shifted = sample_times(20000, "logit_normal", mean=1.0, generator=g)
+    assert 0 < float(logit.min()) and float(logit.max()) < 1
+    middle = [float(((x > 0.25) & (x < 0.75)).float().mean()) for x in (uniform, logit)]
+    assert abs(middle[0] - 0.5) < 0.02 and middle[1] > 0.6  # sigmoid(N(0, 1)): ~0.73 of the mass
+    assert abs(float(logit.mean()) - 0.5) < 0.01 and float(shifted.mean()) > 0.65
+    with pytest.raises(ValueError, match="unknown time sampling"):
+        sample_times(4, "cosine")
