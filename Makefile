@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 install: $(STAMP)
 
 # The whole pipeline on the built-in demo corpus (configs/demo.yaml); outputs under .lafma/.
+# Progress bars on a terminal, progress lines in a log (LAFMA_PROGRESS=1 or 0 forces bars on or off).
 demo: $(STAMP)
-	LAFMA_PROGRESS=0 $(BIN)/python pipelines/run_all.py $(ARGS)
+	$(BIN)/python pipelines/run_all.py $(ARGS)
 
 # The MLflow UI over the demo's store: runs, metrics, spectrograms, audio, the registry.
 ui: $(STAMP)

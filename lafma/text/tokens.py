@@ -16,8 +16,10 @@ def pad_embeddings(embs: Sequence, lengths: Sequence[int], dim: int) -> tuple[Te
     UNet's cross-attention reads, with the padding masked out.
     """
     lengths = [int(n) for n in lengths]
-    out = torch.zeros(len(lengths), max(lengths), dim)
+    # Filled in numpy: a row read from Arrow is a read-only view, which torch.from_numpy would
+    # wrap (and warn about); copying it into this array is the one copy the batch needs.
+    out = np.zeros((len(lengths), max(lengths), dim), dtype=np.float32)
     for i, (e, n) in enumerate(zip(embs, lengths)):
-        out[i, :n] = torch.from_numpy(np.asarray(e, dtype=np.float32).reshape(n, dim))  # (n·D,) -> (n, D)
+        out[i, :n] = np.asarray(e, dtype=np.float32).reshape(n, dim)  # (n·D,) -> (n, D)
     mask = torch.arange(out.shape[1])[None] < torch.tensor(lengths)[:, None]
-    return out, mask
+    return torch.from_numpy(out), mask

@@ -9,6 +9,7 @@ import os
 import ray
 
 from pipelines.config import ComputeConfig
+from pipelines.core import console
 
 # Environment the workers need: S3 credentials and endpoint, and offline hub settings.
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
@@ -25,6 +26,7 @@ def init_ray(compute: ComputeConfig) -> None:
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
+    env |= {k: v for k, v in console.worker_env().items() if k not in job_env}
     # Ray Train patches print() in its workers to log through its logger *and*, because Ray has
     # wrapped sys.stdout, print as well: every line reached the driver twice. Plain print.
     if "RAY_TRAIN_ENABLE_PRINT_PATCH" not in job_env:
@@ -33,9 +35,15 @@ def init_ray(compute: ComputeConfig) -> None:
     # A local cluster gets its dashboard (on 127.0.0.1 only): Ray Train's placement-group
     # cleaner queries the state API it serves, and warns every few seconds without it.
     local = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
+    console.quiet_driver()
     info = ray.init(address=address, runtime_env={"env_vars": env} if env else None,
                     logging_level=logging.WARNING, log_to_driver=True, **local)
     if address is None and getattr(info, "dashboard_url", None):
-        print(f"[ray] local cluster; dashboard at http://{info.dashboard_url}", flush=True)
+        logs = os.path.join(info.address_info.get("session_dir") or "/tmp/ray/session_latest", "logs")
+        print(f"[ray] local cluster; dashboard at http://{info.dashboard_url}; Ray's logs in {logs}", flush=True)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("LAFMA_PROGRESS", "1") == "1"
+    # Bars on a terminal; without one the stages' own lines report progress (see console).
+    ctx.enable_progress_bars = console.progress_bars()
+    # Not the "Starting execution ... / Execution plan ..." pair Ray Data logs per dataset, in
+    # the driver's output and each Train ingest actor's alike (the dashboard shows the plan).
+    ctx.print_on_execution_start = False

@@ -12,6 +12,7 @@ from lafma.config import config_hash, to_dict
 from pipelines.config import PipelineConfig
 from pipelines.core import storage, tracking
 from pipelines.core.cluster import init_ray
+from pipelines.core.console import format_duration
 from pipelines.core.stage import Stage, StageContext, digest, read_marker, write_marker
 
 
@@ -116,9 +117,10 @@ def run_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str]
     reports: list[StageReport] = []
     last = max(names.index(n) for n in chosen)
     uri = tracking.tracking_uri(ctx.root)
+    started = time.time()
     try:
         for stage in stages[: last + 1]:
-            reports.append(_run_stage(stage, stages, chosen, ctx, uri))
+            reports.append(_run_stage(stage, stages, chosen, ctx, uri, started))
     except BaseException:
         if ctx.parent_run_id:
             tracking.end_run(ctx.parent_run_id, "FAILED", tracking=uri)
@@ -130,8 +132,8 @@ def run_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str]
 
 
 def _run_stage(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: StageContext,
-               uri: str) -> StageReport:
-    report = _run_or_skip(stage, stages, chosen, ctx, uri)
+               uri: str, started: float) -> StageReport:
+    report = _run_or_skip(stage, stages, chosen, ctx, uri, started)
     if report.status != "not selected":
         stage.check(ctx, report.info)  # before any later stage: what this output proves wrong stops here
         report.notes = stage.summary(report.info)
@@ -139,7 +141,9 @@ def _run_stage(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: St
 
 
 def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: StageContext,
-                 uri: str) -> StageReport:
+                 uri: str, started: float) -> StageReport:
+    """Skip ``stage`` (finished before, or not selected) or run it, with a line when it starts
+    and when it ends ("[name] stage k/n: ...", k among the selected stages)."""
     h = digest(stage.key(ctx))
     out = ctx.data_dir(stage.name, h)
     ctx.hashes[stage.name], ctx.outputs[stage.name] = h, out
@@ -155,10 +159,11 @@ def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: 
             raise SystemExit(f"stage {stage.name!r} has not finished for this config (no {out}/_SUCCESS.json); "
                              f"run it first, e.g. --until {stage.name}")
         return StageReport(stage.name, "not selected" if marker is None else "done before", out, info=marker or {})
+    place = f"[{stage.name}] stage {chosen.index(stage.name) + 1}/{len(chosen)}:"
     if marker is not None:
-        print(f"[{stage.name}] finished before, skipping ({out})", flush=True)
+        print(f"{place} finished before, skipping ({out})", flush=True)
         return StageReport(stage.name, "skipped", out, info=marker)
-    print(f"[{stage.name}] running -> {out}", flush=True)
+    print(f"{place} running -> {out}", flush=True)
     init_ray(ctx.cfg.compute)  # only now: a run that skips everything never starts Ray
     if ctx.parent_run_id is None:
         ctx.parent_run_id = _pipeline_run(ctx)
@@ -167,7 +172,10 @@ def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: 
     try:
         info = stage.run(ctx, out)
     except BaseException as e:
-        tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", tracking=uri)
+        stopped = isinstance(e, KeyboardInterrupt)
+        print(f"{place} {'interrupted' if stopped else 'failed'} after {format_duration(time.time() - t0)}",
+              flush=True)
+        tracking.end_run(run_id, "KILLED" if stopped else "FAILED", tracking=uri)
         raise
     seconds = time.time() - t0
     marker = {"stage": stage.name, "config_hash": config_hash(ctx.cfg), "stage_hash": h,
@@ -177,6 +185,8 @@ def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: 
     tracking.RunLogger(run_id, tracking=uri).log_metrics({f"stage/{k}": v for k, v in _numbers(marker).items()}, step=0)
     tracking.end_run(run_id, tracking=uri)
     _version(stage, ctx, h, marker)
+    print(f"{place} done in {format_duration(seconds)} (pipeline {format_duration(time.time() - started)} so far)",
+          flush=True)
     return StageReport(stage.name, "ran", out, seconds, marker)
 
 

@@ -37,7 +37,15 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.core import storage
@@ -47,7 +55,7 @@ from pipelines.core.cluster import FORWARDED_ENV
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
-__all__ = ["deepspeed_config", "init_engine", "launch", "load_checkpoint", "maybe_fail",
+__all__ = ["deepspeed_config", "ingest_config", "init_engine", "launch", "load_checkpoint", "maybe_fail",
            "save_checkpoint"]
 
 
@@ -154,7 +162,7 @@ def init_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num_workers: int,
            cpus_per_worker: float, gpus_per_worker: float, max_failures: int, config: dict,
-           datasets: dict | None = None) -> Result:
+           datasets: dict | None = None, split_datasets: bool = True) -> Result:
     """Run ``train_fn(config)`` on ``num_workers`` Ray Train workers and wait for it.
 
     Resume semantics (Ray 2.60, Train V2): a run is identified by ``storage_path/name``.
@@ -177,6 +185,8 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
         max_failures: Worker-group restarts allowed (-1: unlimited).
         config: Passed to ``train_fn``.
         datasets: Ray Datasets, split across workers (``ray.train.get_dataset_shard``).
+        split_datasets: False: every worker reads each dataset whole (and keeps its own rows:
+            :class:`pipelines.train.data.RankRows`).
 
     Returns:
         The run's Result (last metrics, latest checkpoint, rank 0's return value).
@@ -196,6 +206,10 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
         failure_config=FailureConfig(max_failures=max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
         worker_runtime_env={"env_vars": env} if env else None,
+        # Ray Train's INFO lines (resources requested, worker group started, every checkpoint
+        # and every report with its whole metrics dict, from each rank) go to its log files
+        # only; its warnings and errors still reach the console. Rank 0 prints our progress.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
     trainer = TorchTrainer(
         train_fn,
@@ -205,8 +219,27 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
                                      resources_per_worker=resources),
         run_config=run_config,
         datasets=datasets,
+        dataset_config=ingest_config(split=split_datasets),
     )
     return trainer.fit()
+
+
+def ingest_config(split: bool = True) -> DataConfig:
+    """How Ray Train feeds the datasets to the workers: split across them (or each whole to
+    every worker), with Ray Train's default ingest options set explicitly.
+
+    Its defaults (``DataConfig.default_ingest_options``) copy the driver's
+    ``exclude_resources``, an option Ray 2.60 deprecates, so its dataset actor warned on every
+    launch. These are the same options without it: we never set it (Train reserves the
+    workers' resources itself), and ``label_selector``, its successor, is for clusters whose
+    nodes are labelled.
+    """
+    from ray.data import DataContext, ExecutionOptions
+
+    opts = DataContext.get_current().execution_options
+    return DataConfig(datasets_to_split="all" if split else [], execution_options=ExecutionOptions(
+        resource_limits=opts.resource_limits, preserve_order=opts.preserve_order,
+        verbose_progress=opts.verbose_progress))
 
 
 def maybe_fail(step: int, fail_at_step: int, attempt_marker_dir: str) -> None:

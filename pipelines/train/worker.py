@@ -33,6 +33,7 @@ def train_fn(config: dict) -> None:
     t = spec.train_config(cfg)
     rank = ray.train.get_context().get_world_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    console.quiet_train_worker()
     if device.type == "cpu":
         on_cpu()
     # Per-rank streams for init, crops, noise, t and dropout; checkpoints restore them per rank.
