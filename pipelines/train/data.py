@@ -24,7 +24,6 @@ import torch
 
 from pipelines.core import storage
 
-
 # Datasets up to this many bytes of Parquet are read whole by every training worker, which
 # keeps its share by rank (deterministic order); larger ones are streamed and split by Ray Data.
 REPLICATE_BYTES = 512 << 20
