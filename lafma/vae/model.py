@@ -196,11 +196,14 @@ class MelVAE(nn.Module):
         z_channels: latent channels C.
         dropout: inside every res block.
         scale_factor: latent scale for the flow model (a plain attribute, not in the state dict).
+        mel_mean, mel_std: the encoder sees ``(mel - mel_mean) / mel_std`` and the decoder's
+            output is mapped back (plain attributes too, so AudioLDM's state dicts load as they
+            are; 0 and 1 feed the raw log-mel, as AudioLDM does).
     """
 
     def __init__(self, *, in_channels: int = 1, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 4),
                  num_res_blocks: int = 2, z_channels: int = 8, dropout: float = 0.0,
-                 scale_factor: float = 1.0):
+                 scale_factor: float = 1.0, mel_mean: float = 0.0, mel_std: float = 1.0):
         super().__init__()
         kw = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels, dropout=dropout)
         self.encoder = Encoder(in_channels=in_channels, **kw)
@@ -210,23 +213,26 @@ class MelVAE(nn.Module):
         self.z_channels = z_channels
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.scale_factor = scale_factor
+        self.mel_mean, self.mel_std = float(mel_mean), float(mel_std)
 
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> MelVAE:
         return cls(in_channels=cfg.in_channels, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                   z_channels=cfg.z_channels, dropout=cfg.dropout, scale_factor=cfg.scale_factor)
+                   z_channels=cfg.z_channels, dropout=cfg.dropout, scale_factor=cfg.scale_factor,
+                   mel_mean=cfg.mel_mean, mel_std=cfg.mel_std)
 
     def encode(self, mel: Tensor) -> DiagonalGaussian:
         """mel: (B, n_mels, T) → posterior over latents (B, C, T / r, n_mels / r)."""
         r = self.downsample
         if mel.dim() != 3 or mel.shape[1] % r or mel.shape[2] % r:
             raise ValueError(f"mel must be (B, n_mels, T) with n_mels and T divisible by {r}, got {tuple(mel.shape)}")
+        x = (mel - self.mel_mean) / self.mel_std
         # (B, 1, T, n_mels) image → (B, 2C, T / r, n_mels / r) moments.
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(mel_to_image(mel))))
+        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(mel_to_image(x))))
 
     def decode(self, z: Tensor) -> Tensor:
         """z: (B, C, T / r, n_mels / r) → mel (B, n_mels, T)."""
-        return image_to_mel(self.decoder(self.post_quant_conv(z)))
+        return image_to_mel(self.decoder(self.post_quant_conv(z))) * self.mel_std + self.mel_mean
 
     def forward(self, mel: Tensor, sample: bool = True,
                 generator: torch.Generator | None = None) -> tuple[Tensor, DiagonalGaussian]:

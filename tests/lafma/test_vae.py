@@ -95,6 +95,20 @@ def test_state_dict_follows_ldm_key_layout():
     assert "decoder.up.0.upsample.conv.weight" not in keys  # full resolution: nothing to upsample
 
 
+def test_mel_normalisation_wraps_the_same_network_and_keeps_the_state_dict():
+    torch.manual_seed(0)
+    raw = MelVAE(**TINY).eval()
+    centred = MelVAE(**TINY, mel_mean=-6.6, mel_std=3.6).eval()
+    centred.load_state_dict(raw.state_dict())  # the same keys: AudioLDM weights load into either
+    mel = _sine_mels(64)
+    with torch.no_grad():
+        post = centred.encode(mel)
+        assert torch.allclose(post.mean, raw.encode((mel + 6.6) / 3.6).mean, atol=1e-5)
+        z = post.mean
+        assert torch.allclose(centred.decode(z), raw.decode(z) * 3.6 - 6.6, atol=1e-5)
+        assert not torch.allclose(centred.decode(z), raw.decode(z), atol=1e-2)
+
+
 def test_encode_rejects_indivisible_mel():
     with pytest.raises(ValueError, match="divisible by 4"):
         MelVAE(**TINY).encode(torch.zeros(1, 64, 30))
