@@ -29,9 +29,10 @@ Losses = tuple[dict[str, Tensor], Mapping[str, float | Tensor]]
 class GANTask:
     """What one GAN job supplies to :func:`gan_job`: its networks, batches, losses and samples.
 
-    ``gen`` and ``disc`` below are DeepSpeed engines; ``generator`` and ``discriminator``
-    their raw modules (``engine.module``). In the generator step the discriminator is called
-    as its raw module: the engine would book that backward as its own.
+    ``gen`` and ``disc`` below are DeepSpeed engines; ``generator`` their raw module
+    (``engine.module``) and ``discriminator`` the discriminator's raw module as a callable (under
+    the engine's autocast). In the generator step the discriminator is called as its raw module:
+    the engine would book that backward as its own.
     """
 
     train: TrainConfig
@@ -59,7 +60,7 @@ class GANTask:
         """The discriminator step's terms and lambdas; ``fake`` is detached."""
         raise NotImplementedError
 
-    def generator_losses(self, generator: nn.Module, discriminator: nn.Module, batch: dict[str, Tensor],
+    def generator_losses(self, generator: nn.Module, discriminator: Callable[..., Any], batch: dict[str, Tensor],
                          out: dict[str, Any], step: int) -> Losses:
         """The generator step's terms and lambdas, on ``out`` from :meth:`forward`."""
         raise NotImplementedError
@@ -129,17 +130,26 @@ def gan_job(task: GANTask, inputs: JobInputs) -> Job:
                 kept.update({k: v[: task.sample_items].clone() for k, v in batch.items()})
             yield {k: v.to(device) for k, v in batch.items()}
 
+    def judge(*args: Tensor) -> Any:
+        # The generator step calls the discriminator as its raw module (see GANTask), outside
+        # the autocast its engine applies; in bf16 it gets the same autocast here.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=inputs.bf16):
+            return disc.module(*args)
+
     def step(batch: dict[str, Tensor], i: int) -> dict[str, float]:
         out = task.forward(gen, batch)
         on = task.adversarial(gen.module, i)
+        # Losses see the generator's output in fp32 (it is bf16 under autocast): an STFT or a
+        # mel L1 in bf16 would lose the detail they measure.
+        fake = out["fake"].float()
 
         def d_losses(fake: Tensor) -> Losses:
             return task.discriminator_losses(gen.module, disc, batch, fake, i)
 
         def g_losses(fake: Tensor) -> Losses:
-            return task.generator_losses(gen.module, disc.module, batch, {**out, "fake": fake}, i)
+            return task.generator_losses(gen.module, judge, batch, {**out, "fake": fake}, i)
 
-        return gan_update(gen, disc, out["fake"], disc_losses=d_losses if on else None, gen_losses=g_losses)
+        return gan_update(gen, disc, fake, disc_losses=d_losses if on else None, gen_losses=g_losses)
 
     def artifacts(i: int, logger: RunLogger) -> None:
         task.samples(gen.module, kept, i, logger)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ class VAETask(GANTask):
         terms = loss.discriminator_losses(disc(mel_to_image(batch["mel"])), disc(mel_to_image(fake)))
         return terms, loss.loss_weights(step)
 
-    def generator_losses(self, generator: VAEWithLoss, discriminator: nn.Module, batch: dict[str, Tensor],
+    def generator_losses(self, generator: VAEWithLoss, discriminator: Callable[..., Any], batch: dict[str, Tensor],
                          out: dict[str, Any], step: int) -> Losses:
         loss, mel, fake, posterior = generator.loss, batch["mel"], out["fake"], out["posterior"]
         logits, weight = None, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -46,7 +47,7 @@ class VocoderTask(GANTask):
                              step: int) -> Losses:
         return discriminator_losses(disc, batch["wav"], fake), self.weights
 
-    def generator_losses(self, generator: nn.Module, discriminator: nn.Module, batch: dict[str, Tensor],
+    def generator_losses(self, generator: nn.Module, discriminator: Callable[..., Any], batch: dict[str, Tensor],
                          out: dict[str, Any], step: int) -> Losses:
         return generator_losses(discriminator, self.mel_fn, batch["wav"], out["fake"], batch["mel"]), self.weights
 
