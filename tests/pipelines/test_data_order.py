@@ -47,10 +47,15 @@ def test_a_shard_smaller_than_a_batch_is_a_clear_error(ray_local):
 
 
 def test_the_same_vae_job_twice_trains_the_same_weights(trained, tmp_path):
-    """Two fresh launches (2 Ray Train workers, DeepSpeed ZeRO-2) on the same data and config."""
+    """Two fresh launches (2 Ray Train workers, DeepSpeed ZeRO-2) on the same data and config.
+
+    In bf16 as the demo's VAE trains (DeepSpeed's torch autocast on the CPU), where the CPU has
+    native bf16; in fp32 elsewhere (``use_bf16``).
+    """
     _, _, reports = trained
     cfg = load_pipeline_config(CONFIG, [*overrides(tmp_path), "train_vae.steps=6", "train_vae.fail_at_step=-1",
-                                        "train_vae.checkpoint_every=6", "train_vae.sample_every=100"])
+                                        "train_vae.checkpoint_every=6", "train_vae.sample_every=100",
+                                        "train_vae.precision=bf16"])
     weights = []
     for run in ("a", "b"):
         marker = train_job(cfg, "vae", root=str(tmp_path), data_dir=reports["audio"].path,
