@@ -112,7 +112,7 @@ class LafmaPipeline(nn.Module):
         out = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
         return torch.stack(out).to(self.device)
 
-    def _vocode(self, mel: Tensor, seeds: Sequence[int]) -> Tensor:
+    def vocode(self, mel: Tensor, seeds: Sequence[int]) -> Tensor:
         """mel (B, n_mels, T) → (B, T · hop). A stochastic vocoder (Griffin-Lim's random initial
         phase) runs item by item with the RNG seeded from the item's seed, so its audio too
         depends on nothing but the caption and the seed."""
@@ -160,7 +160,7 @@ class LafmaPipeline(nn.Module):
         sol = sample_latents(self.unet, x0, context, mask, guidance=guidance, null_condition=null, solver=solver,
                              steps=steps, rtol=self.rtol, atol=self.atol)
         mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
-        audio = self._vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
+        audio = self.vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:
             # The paper peak-normalises its outputs; the floor keeps silence silent.
             peak = audio.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)

@@ -236,10 +236,13 @@ class EvaluateStage(Stage):
         """What the generator's back end alone loses: the held-out real mels through the
         vocoder, and through the VAE round trip and the vocoder."""
         pipe = registry.load_pipeline(packaged_model_uri(pkg), root=ctx.root, device="cpu")
+        # Each clip's own seed for Griffin-Lim's random phase: the references are the same in
+        # every run, whatever else the driver drew before.
+        seeds = [derive_seed(ctx.cfg.evaluate.seed, c["id"]) for c in held]
         with torch.no_grad():
             mel = torch.from_numpy(np.stack([c["mel"] for c in held]))  # (N, n_mels, T)
-            vocoded = [w.numpy() for w in pipe.vocoder(mel)]
-            roundtrip = [w.numpy() for w in pipe.vocoder(pipe.vae.decode(pipe.vae.encode(mel).mean))]
+            vocoded = [w.numpy() for w in pipe.vocode(mel, seeds)]
+            roundtrip = [w.numpy() for w in pipe.vocode(pipe.vae.decode(pipe.vae.encode(mel).mean), seeds)]
         return vocoded, roundtrip
 
     def _sweep(self, ctx, held, out_dir, embedder, real_fd, pkg) -> dict:
