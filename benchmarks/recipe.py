@@ -160,7 +160,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (weights stay fp32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # flags and key=value overrides in any order
 
     import torch
 
