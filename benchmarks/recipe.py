@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 SILENT = -11.0  # log-mel below this is digital silence (log 1e-5 = -11.5)
 
 
-def stage_dir(root: Path, config: str, stage: str) -> str:
+def stage_dir(root: Path, stage: str) -> str:
     """The newest output folder of ``stage`` under the run's data folder."""
     found = sorted((root / "data").glob(f"*/{stage}-*/_SUCCESS.json"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -62,7 +62,7 @@ def vae(cfg, root: Path, steps: int, batch: int, bf16: bool) -> dict:
     from lafma.vae import VAELoss
     from pipelines.train.data import random_crop, unflatten
 
-    parts = rows_by_split(stage_dir(root, cfg.name, "audio"), ["mel", "n_mels", "frames"])
+    parts = rows_by_split(stage_dir(root, "audio"), ["mel", "n_mels", "frames"])
 
     def mels(t):
         return unflatten(t.column("mel").to_pylist(), t.column("n_mels").to_pylist(), t.column("frames").to_pylist())
@@ -106,7 +106,7 @@ def lfm(cfg, root: Path, steps: int, batch: int, bf16: bool) -> dict:
     from pipelines.train.data import unflatten
     from pipelines.train.lfm import LATENT_DIMS, null_condition
 
-    latents = stage_dir(root, cfg.name, "latents")
+    latents = stage_dir(root, "latents")
     # The scale the latents stage measured (vae.scale_factor: 0 in the demo).
     scale = cfg.vae.scale_factor or 1.0 / storage.read_json(f"{latents}/_SUCCESS.json")["latent_std"]
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scale_factor=scale))
@@ -115,7 +115,7 @@ def lfm(cfg, root: Path, steps: int, batch: int, bf16: bool) -> dict:
     dims = [train[c] for c in LATENT_DIMS]
     mean, logvar = unflatten(train["mean"], *dims), unflatten(train["logvar"], *dims)
     ctx, mask = pad_embeddings(train["emb"], train["length"], cfg.context_dim)
-    texts = storage.read_parquet_dir(stage_dir(root, cfg.name, "text"), columns=["caption", "emb"]).to_pylist()
+    texts = storage.read_parquet_dir(stage_dir(root, "text"), columns=["caption", "emb"]).to_pylist()
     null_ctx, null_mask = null_condition(next(r["emb"] for r in texts if r["caption"] == ""), cfg.context_dim)
     t = cfg.train_lfm
     unet = build_unet(cfg)

@@ -21,9 +21,9 @@ def use_bf16(train: TrainConfig, device: torch.device) -> bool:
     """Whether a job's forward runs under bf16 autocast (its weights stay fp32).
 
     ``auto``: bf16 on a GPU, fp32 on a CPU. Whether bf16 pays on a CPU depends on the job, not
-    only on the CPU: on AVX512-BF16 it doubles the convolutional VAE's throughput and slows the
-    small attention-heavy UNet down (``benchmarks/train.py --precision``, results in
-    ``benchmarks/results/``), so a config asks for it per job with ``precision: bf16``. That
+    only on the CPU: on an AVX512-BF16 machine it gave the demo's conv VAE 1.56x and its small
+    UNet 1.15x, and an AMX machine ran that UNet slower (``benchmarks/train.py --precision``,
+    results in ``benchmarks/results/``), so a config asks for it per job with ``precision: bf16``. That
     request is honoured on a CPU only where bf16 is native; elsewhere the job trains in fp32.
     """
     if device.type == "cuda":
