@@ -166,6 +166,9 @@ class VAEConfig:
     # reconstruction error at 300 steps (benchmarks/results/demo_cpu2.md).
     mel_mean: float = 0.0
     mel_std: float = 1.0
+    # AudioLDM's VAE (and diffusers') has one self-attention block in the middle of the encoder
+    # and the decoder; LAFMA's released VAEGAN (Amphion's) has none.
+    mid_attention: bool = True
 
     def validate(self, prefix: str = "vae") -> None:
         require(self.ch > 0 and self.ch % 32 == 0, f"{prefix}.ch", "must be a positive multiple of 32 (GroupNorm)")
@@ -213,6 +216,9 @@ class UNetConfig:
     # Downsample factors at which a spatial transformer follows each res block.
     attention_resolutions: tuple[int, ...] = (8, 4, 2)
     num_head_channels: int = 32
+    # > 0: every attention layer has this many heads of width channels / num_heads, LDM's
+    # "legacy" split that the released LAFMA UNet uses (32); 0: heads of num_head_channels.
+    num_heads: int = 0
     transformer_depth: int = 1
     # Width of the text embeddings; resolved from the text encoder when left at 0.
     context_dim: int = 0
@@ -232,9 +238,11 @@ class UNetConfig:
         for i, ds in enumerate(self.attention_resolutions):
             require(ds >= 1 and ds & (ds - 1) == 0 and ds <= 2 ** (len(self.channel_mult) - 1),
                      f"{prefix}.attention_resolutions[{i}]", f"{ds} is not a downsample factor of this UNet")
+        require(self.num_heads >= 0, f"{prefix}.num_heads", "must be >= 0")
         for i, m in enumerate(self.channel_mult):
-            require((m * self.model_channels) % self.num_head_channels == 0, f"{prefix}.channel_mult[{i}]",
-                     "channels must be divisible by num_head_channels")
+            split = ("num_heads", self.num_heads) if self.num_heads else ("num_head_channels", self.num_head_channels)
+            require((m * self.model_channels) % split[1] == 0, f"{prefix}.channel_mult[{i}]",
+                     f"channels must be divisible by {split[0]}")
         require(self.transformer_depth >= 1, f"{prefix}.transformer_depth", "must be >= 1")
         require(self.context_dim >= 0, f"{prefix}.context_dim", "must be >= 0")
         require(0 <= self.dropout < 1, f"{prefix}.dropout", "must be in [0, 1)")
@@ -283,8 +291,15 @@ class SamplerConfig:
     # Only for the adaptive solver.
     rtol: float = 1e-4
     atol: float = 1e-4
-    # The paper peak-normalises the output waveform.
+    # The paper peak-normalises the output waveform, to this peak (the released script: 0.8).
     peak_normalize: bool = True
+    peak: float = 0.95
+    # Fixed-step time grid: "uniform" steps from 0 to 1; "released" evaluates Euler at
+    # t_i = 1e-3 + i / N (1 - 1e-3) with steps of 1 / N, as the released LAFMA sampler does.
+    grid: Literal["uniform", "released"] = "uniform"
+    # The unconditional input of guidance: "masked" is the empty caption's real tokens;
+    # "released" is "" padded with pad tokens to each caption's length and attended unmasked.
+    null_caption: Literal["masked", "released"] = "masked"
 
     def validate(self, prefix: str = "sampler") -> None:
         from lafma.flow.solvers import METHODS
@@ -295,6 +310,9 @@ class SamplerConfig:
         require(0 < self.duration <= MAX_DURATION_SECONDS, f"{prefix}.duration",
                  f"must be in (0, {MAX_DURATION_SECONDS:g}] seconds")
         require(self.rtol > 0 and self.atol > 0, f"{prefix}.rtol", "tolerances must be positive")
+        require(0 < self.peak <= 1, f"{prefix}.peak", "must be in (0, 1]")
+        require(self.grid == "uniform" or self.solver == "euler", f"{prefix}.grid",
+                 "the released grid is an Euler grid: set sampler.solver=euler")
 
 
 @dataclass(frozen=True)
@@ -314,6 +332,11 @@ class HiFiGANConfig:
     upsample_initial_channel: int = 1024
     resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
     resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    # "exact": T mel frames give T * hop samples. "reference": the transposed-conv padding of
+    # the reference implementation (and AudioLDM's, SpeechT5HifiGan's), whose stages overshoot
+    # by a sample when kernel - rate is odd; the output is cropped to T * hop at the end, so
+    # imported vocoders reproduce the published ones sample for sample.
+    upsample_padding: Literal["exact", "reference"] = "exact"
     mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     # Channel multiplier of both discriminators (1.0: the paper's 41.1 M MPD + 29.6 M MSD).
     disc_width_mult: float = 1.0
