@@ -183,6 +183,9 @@ class UNet(nn.Module):
         num_res_blocks: res blocks per level on the way down (one more on the way up).
         attention_resolutions: downsample factors at which a spatial transformer follows each res block.
         num_head_channels: channels per attention head.
+        num_heads: when > 0, every attention layer has this many heads of width
+            ``channels // num_heads`` instead (LDM's "legacy" split; the released LAFMA UNet
+            uses 32), and ``num_head_channels`` is ignored.
         transformer_depth: transformer blocks per spatial transformer.
         context_dim: width of the text embeddings.
         use_scale_shift_norm: FiLM-style time conditioning instead of additive (AudioLDM-S: additive).
@@ -195,8 +198,8 @@ class UNet(nn.Module):
     def __init__(self, *, in_channels: int = 8, out_channels: int = 8, model_channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 3, 5), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (8, 4, 2), num_head_channels: int = 32,
-                 transformer_depth: int = 1, context_dim: int = 1024, use_scale_shift_norm: bool = False,
-                 dropout: float = 0.0, extra_attention: bool = False, time_scale: float = 999.0):
+                 num_heads: int = 0, transformer_depth: int = 1, context_dim: int = 1024,
+                 use_scale_shift_norm: bool = False, dropout: float = 0.0, extra_attention: bool = False, time_scale: float = 999.0):
         super().__init__()
         self.model_channels = model_channels
         self.time_scale = time_scale
@@ -209,8 +212,9 @@ class UNet(nn.Module):
 
         def attn(ch: int) -> list[nn.Module]:
             n = 2 if extra_attention else 1
-            return [SpatialTransformer(ch, ch // num_head_channels, num_head_channels, transformer_depth,
-                                       context_dim, dropout) for _ in range(n)]
+            heads = num_heads or ch // num_head_channels
+            return [SpatialTransformer(ch, heads, ch // heads, transformer_depth, context_dim, dropout)
+                    for _ in range(n)]
 
         self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
         skip_channels, ch, ds = [model_channels], model_channels, 1
@@ -245,6 +249,7 @@ class UNet(nn.Module):
         return cls(in_channels=cfg.in_channels, out_channels=cfg.out_channels, model_channels=cfg.model_channels,
                    channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
                    attention_resolutions=cfg.attention_resolutions, num_head_channels=cfg.num_head_channels,
+                   num_heads=cfg.num_heads,
                    transformer_depth=cfg.transformer_depth, context_dim=cfg.context_dim or context_dim,
                    use_scale_shift_norm=cfg.use_scale_shift_norm, dropout=cfg.dropout,
                    extra_attention=cfg.extra_attention, time_scale=time_scale)
