@@ -51,5 +51,6 @@ def build_pipeline(cfg: LafmaConfig, *, text_encoder: TextEncoder | None = None,
         sample_rate=cfg.mel.sample_rate, hop_length=cfg.mel.hop_length, n_mels=cfg.mel.n_mels,
         latent_channels=cfg.vae.z_channels, vae_downsample=cfg.vae.downsample, scale_factor=cfg.vae.scale_factor,
         unet_downsample=cfg.unet.downsample, solver=s.solver, steps=s.steps, guidance=s.guidance,
-        duration=s.duration, peak_normalize=s.peak_normalize, rtol=s.rtol, atol=s.atol,
+        duration=s.duration, peak_normalize=s.peak_normalize, rtol=s.rtol, atol=s.atol, peak=s.peak, grid=s.grid,
+        null_caption=s.null_caption,
     )

@@ -16,7 +16,7 @@ from lafma.flow import ClassifierFreeGuidance, Solution, solve
 
 def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tensor, context_mask: Tensor, *,
                    guidance: float, null_condition: tuple[Tensor, Tensor] | None = None, solver: str = "euler",
-                   steps: int = 10, rtol: float = 1e-4, atol: float = 1e-4) -> Solution:
+                   steps: int = 10, rtol: float = 1e-4, atol: float = 1e-4, grid: str = "uniform") -> Solution:
     """Noise → latent: integrate dx/dt = u(x, t, c) from t = 0 (noise) to t = 1 (data), guided.
 
     What inference and the LFM job's training-time samples share, so that a sample logged
@@ -28,9 +28,9 @@ def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tens
         context, context_mask: caption embeddings (B, L, D) and mask (B, L).
         guidance: classifier-free guidance weight w; at 1 the conditional model alone (one
             evaluation per call instead of two).
-        null_condition: the empty caption's (embedding (1, L0, D), mask (1, L0)); needed
-            unless ``guidance`` is 1.
-        solver, steps, rtol, atol: see :func:`lafma.flow.solve`.
+        null_condition: the empty caption's (embedding (1, L0, D), mask (1, L0)), or one per
+            item (B, L0, D), (B, L0); needed unless ``guidance`` is 1.
+        solver, steps, rtol, atol, grid: see :func:`lafma.flow.solve`.
 
     Returns:
         The :class:`~lafma.flow.Solution`: ``x`` (B, C, T', F') scaled latents and ``nfe``.
@@ -40,7 +40,7 @@ def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tens
             raise ValueError(f"guidance {guidance} needs the empty caption's embedding (null_condition)")
         null_context, null_mask = (t.to(noise.device) for t in null_condition)
         velocity = ClassifierFreeGuidance(velocity, guidance, null_context, null_mask)
-    return solve(velocity, noise, method=solver, steps=steps, rtol=rtol, atol=atol, context=context,
+    return solve(velocity, noise, method=solver, steps=steps, rtol=rtol, atol=atol, grid=grid, context=context,
                  context_mask=context_mask)
 
 
@@ -81,13 +81,18 @@ class LafmaPipeline(nn.Module):
         latent_channels: C; vae_downsample: r (mel frames and bins per latent cell).
         scale_factor: latents were multiplied by this for training.
         unet_downsample: latent frames are rounded up to a multiple of it.
+        solver, steps, guidance, duration: sampling defaults (overridable per call).
+        peak_normalize, peak: scale each clip so that its peak is ``peak``.
+        grid, null_caption: the solver's time grid and the unconditional input
+            (``lafma.config.SamplerConfig``; "released" reproduces the released sampler).
     """
 
     def __init__(self, *, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, vocoder: nn.Module,
                  sample_rate: int, hop_length: int, n_mels: int, latent_channels: int, vae_downsample: int,
                  scale_factor: float = 1.0, unet_downsample: int = 8, solver: str = "euler", steps: int = 10,
                  guidance: float = 3.0, duration: float = 10.24, peak_normalize: bool = True,
-                 rtol: float = 1e-4, atol: float = 1e-4):
+                 rtol: float = 1e-4, atol: float = 1e-4, peak: float = 0.95, grid: str = "uniform",
+                 null_caption: str = "masked"):
         super().__init__()
         self.text_encoder, self.unet, self.vae, self.vocoder = text_encoder, unet, vae, vocoder
         self.sample_rate, self.hop_length, self.n_mels = sample_rate, hop_length, n_mels
@@ -95,6 +100,7 @@ class LafmaPipeline(nn.Module):
         self.scale_factor = scale_factor
         self.defaults = dict(solver=solver, steps=steps, guidance=guidance, duration=duration)
         self.peak_normalize, self.rtol, self.atol = peak_normalize, rtol, atol
+        self.peak, self.grid, self.null_caption = peak, grid, null_caption
 
     @property
     def device(self) -> torch.device:
@@ -126,6 +132,20 @@ class LafmaPipeline(nn.Module):
                 out.append(self.vocoder(m[None])[0])
         return torch.stack(out)
 
+    def null_condition(self, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The unconditional input for captions with token mask (B, L): the empty caption's
+        real tokens, shared, (1, L0, D) — or with ``null_caption="released"`` the released
+        sampler's "" padded to each caption's own length and attended unmasked, (B, L, D)."""
+        if self.null_caption != "released":
+            return self.text_encoder([""])
+        lengths = mask.sum(dim=1).tolist()
+        by_length = {n: self.text_encoder.padded_empty(n) for n in set(lengths)}
+        emb = torch.zeros(len(lengths), mask.shape[1], by_length[lengths[0]][0].shape[-1], device=mask.device)
+        null_mask = torch.zeros_like(mask, dtype=torch.bool)
+        for i, n in enumerate(lengths):
+            emb[i, :n], null_mask[i, :n] = by_length[n][0][0].to(mask.device), True
+        return emb, null_mask
+
     @torch.no_grad()
     def generate(self, captions: Sequence[str], *, seeds: Sequence[int] | None = None, steps: int | None = None,
                  guidance: float | None = None, solver: str | None = None,
@@ -155,14 +175,15 @@ class LafmaPipeline(nn.Module):
 
         context, mask = self.text_encoder(captions)
         context, mask = context.to(self.device), mask.to(self.device)
-        null = self.text_encoder([""]) if guidance != 1.0 else None
+        null = self.null_condition(mask) if guidance != 1.0 else None
         x0 = self.noise(seeds, self.latent_shape(duration))  # (B, C, T', F')
         sol = sample_latents(self.unet, x0, context, mask, guidance=guidance, null_condition=null, solver=solver,
-                             steps=steps, rtol=self.rtol, atol=self.atol)
+                             steps=steps, rtol=self.rtol, atol=self.atol,
+                             grid=self.grid if solver == "euler" else "uniform")
         mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
         audio = self.vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:
             # The paper peak-normalises its outputs; the floor keeps silence silent.
             peak = audio.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
-            audio = audio / peak * 0.95
+            audio = audio / peak * self.peak
         return Generation(audio.float().cpu(), sol.x.cpu(), seeds, sol.nfe, self.sample_rate)

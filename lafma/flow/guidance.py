@@ -19,7 +19,9 @@ class ClassifierFreeGuidance:
     Args:
         velocity: u(x, t, context=(B, L, D), context_mask=(B, L)) → like x.
         scale: guidance weight w (1 = purely conditional, 0 = unconditional).
-        null_context: (L0, D) or (1, L0, D) empty-caption embedding; null_mask: (L0,) or (1, L0).
+        null_context: (L0, D) or (1, L0, D) empty-caption embedding, or (B, L0, D) one per item
+            (the released sampler pads the empty caption to each caption's length);
+            null_mask: (L0,), (1, L0) or (B, L0) to match.
     """
 
     evals_per_call = 2
@@ -27,15 +29,17 @@ class ClassifierFreeGuidance:
     def __init__(self, velocity: Callable[..., Tensor], scale: float, null_context: Tensor, null_mask: Tensor):
         self.velocity = velocity
         self.scale = scale
-        self.null_context = null_context.reshape(1, -1, null_context.shape[-1])  # (1, L0, D)
-        self.null_mask = null_mask.reshape(1, -1).bool()  # (1, L0)
+        if null_context.dim() == 2:
+            null_context, null_mask = null_context[None], null_mask.reshape(1, -1)  # (1, L0, D), (1, L0)
+        self.null_context = null_context
+        self.null_mask = null_mask.bool()
 
     def __call__(self, x: Tensor, t: Tensor, *, context: Tensor, context_mask: Tensor) -> Tensor:
         b = x.shape[0]
         length = max(context.shape[1], self.null_context.shape[1])
         cond, cond_mask = pad_tokens(context, context_mask.bool(), length)
         null, null_mask = pad_tokens(self.null_context.to(context), self.null_mask.to(context.device), length)
-        ctx = torch.cat([cond, null.expand(b, -1, -1)])  # (2B, L, D)
+        ctx = torch.cat([cond, null.expand(b, -1, -1)])  # (2B, L, D); a (1, L, D) null is shared
         msk = torch.cat([cond_mask, null_mask.expand(b, -1)])  # (2B, L)
         v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), context=ctx, context_mask=msk)
         v_cond, v_uncond = v.chunk(2)

@@ -41,6 +41,11 @@ _DP_B5 = [35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0]
 _DP_B4 = [5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
 
 METHODS = (*TABLEAUX, "dopri5")
+# Time grids of the fixed-step solvers. "released": the released LAFMA sampler evaluates Euler
+# at t_i = ε + i/N·(1 − ε) (it never queries the model at t = 0, where its training times,
+# drawn from [ε, 1], never were) but steps by 1/N, so it ends ε/N past t = 1.
+GRIDS = ("uniform", "released")
+RELEASED_T_EPS = 1e-3
 
 
 @dataclass
@@ -111,7 +116,7 @@ def _dopri5(f: _Counted, x: Tensor, t0: float, t1: float, h: float, rtol: float,
 @torch.no_grad()
 def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler", steps: int = 10,
           t0: float = 0.0, t1: float = 1.0, rtol: float = 1e-4, atol: float = 1e-4,
-          max_steps: int = 10_000, **cond: Tensor) -> Solution:
+          max_steps: int = 10_000, grid: str = "uniform", **cond: Tensor) -> Solution:
     """Integrate dx/dt = velocity(x, t, **cond) from ``t0`` to ``t1``.
 
     Args:
@@ -121,6 +126,7 @@ def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler",
         steps: number of uniform steps for fixed-step methods; sets the first step of dopri5.
         rtol, atol, max_steps: adaptive-solver controls. The error norm is taken over the
             whole batch, so with ``dopri5`` the step sizes (not the seeds) depend on the batch.
+        grid: ``uniform``, or ``released`` (Euler only: see :data:`GRIDS`).
         **cond: passed to every velocity call.
 
     Returns:
@@ -134,9 +140,16 @@ def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler",
         return Solution(x, f.nfe, n)
     if method not in TABLEAUX:
         raise ValueError(f"unknown solver {method!r}; choose from {', '.join(METHODS)}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown time grid {grid!r}; choose from {', '.join(GRIDS)}")
+    if grid == "released" and method != "euler":
+        raise ValueError(f"the released time grid is an Euler grid, not {method!r}")
     a, b, c = TABLEAUX[method]
     h = (t1 - t0) / steps
     x = x0
     for i in range(steps):
-        x = _rk_step(f, x, t0 + i * h, h, a, b, c)
+        t = t0 + i * h
+        if grid == "released":
+            t = t0 + RELEASED_T_EPS + i / steps * (t1 - t0 - RELEASED_T_EPS)
+        x = _rk_step(f, x, t, h, a, b, c)
     return Solution(x, f.nfe, steps)

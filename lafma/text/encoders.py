@@ -50,6 +50,18 @@ class TextEncoder(nn.Module):
         return emb, mask
 
 
+    @torch.no_grad()
+    def padded_empty(self, length: int) -> tuple[Tensor, Tensor]:
+        """The released LAFMA sampler's unconditional input: ``""`` padded with pad tokens to
+        ``length`` tokens and encoded with no attention mask, so every position (pads too) is
+        a real, attended token. Returns emb (1, length, D) and an all-True mask (1, length)."""
+        tok = self.tokenizer([""], padding="max_length", max_length=max(int(length), 1), truncation=True,
+                             return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        hidden = self.model(input_ids=ids).last_hidden_state.float()
+        return hidden, torch.ones(ids.shape, dtype=torch.bool, device=self.device)
+
+
 def t5_encoder(name_or_path: str, max_length: int = 128) -> TextEncoder:
     """FLAN-T5 encoder from a hub id or a local directory (``save_pretrained`` layout)."""
     from transformers import AutoTokenizer, T5EncoderModel
