@@ -99,23 +99,31 @@ class Upsample(nn.Module):
 
 
 class _Mid(nn.Module):
-    """Res – Attn – Res at the lowest resolution (the only attention: attn_resolutions = [])."""
+    """Res – Attn – Res at the lowest resolution (the only attention: attn_resolutions = []).
 
-    def __init__(self, channels: int, dropout: float):
+    With ``attention=False`` it is Res – Res and has no ``attn_1`` (LAFMA's released VAEGAN).
+    """
+
+    def __init__(self, channels: int, dropout: float, attention: bool = True):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
+        if attention:
+            self.attn_1 = AttnBlock(channels)
         self.block_2 = ResnetBlock(channels, channels, dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        """x: (B, C, H, W) → (B, C, H, W)."""
+        h = self.block_1(x)
+        if hasattr(self, "attn_1"):
+            h = self.attn_1(h)
+        return self.block_2(h)
 
 
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) → (B, 2 * z_channels, H / r, W / r) mean and log-variance."""
 
     def __init__(self, *, in_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int, dropout: float = 0.0):
+                 z_channels: int, dropout: float = 0.0, mid_attention: bool = True):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1, *ch_mult)
@@ -129,7 +137,7 @@ class Encoder(nn.Module):
                 level.downsample = Downsample(block_out)
             self.down.append(level)
         block_in = ch * ch_mult[-1]
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, mid_attention)
         self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, 3, padding=1)
 
@@ -151,11 +159,11 @@ class Decoder(nn.Module):
     """
 
     def __init__(self, *, out_channels: int, ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
-                 z_channels: int, dropout: float = 0.0):
+                 z_channels: int, dropout: float = 0.0, mid_attention: bool = True):
         super().__init__()
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, mid_attention)
         up = []
         for i in reversed(range(len(ch_mult))):
             block_out = ch * ch_mult[i]
@@ -195,6 +203,8 @@ class MelVAE(nn.Module):
         num_res_blocks: res blocks per encoder level (the decoder has one more).
         z_channels: latent channels C.
         dropout: inside every res block.
+        mid_attention: a self-attention block between the two middle res blocks of the encoder
+            and the decoder (AudioLDM, diffusers); False drops it (LAFMA's released VAEGAN).
         scale_factor: latent scale for the flow model (a plain attribute, not in the state dict).
         mel_mean, mel_std: the encoder sees ``(mel - mel_mean) / mel_std`` and the decoder's
             output is mapped back (plain attributes too, so AudioLDM's state dicts load as they
@@ -202,10 +212,11 @@ class MelVAE(nn.Module):
     """
 
     def __init__(self, *, in_channels: int = 1, ch: int = 128, ch_mult: tuple[int, ...] = (1, 2, 4),
-                 num_res_blocks: int = 2, z_channels: int = 8, dropout: float = 0.0,
+                 num_res_blocks: int = 2, z_channels: int = 8, dropout: float = 0.0, mid_attention: bool = True,
                  scale_factor: float = 1.0, mel_mean: float = 0.0, mel_std: float = 1.0):
         super().__init__()
-        kw = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels, dropout=dropout)
+        kw = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
+                  dropout=dropout, mid_attention=mid_attention)
         self.encoder = Encoder(in_channels=in_channels, **kw)
         self.decoder = Decoder(out_channels=in_channels, **kw)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
@@ -218,8 +229,8 @@ class MelVAE(nn.Module):
     @classmethod
     def from_config(cls, cfg: VAEConfig) -> MelVAE:
         return cls(in_channels=cfg.in_channels, ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
-                   z_channels=cfg.z_channels, dropout=cfg.dropout, scale_factor=cfg.scale_factor,
-                   mel_mean=cfg.mel_mean, mel_std=cfg.mel_std)
+                   z_channels=cfg.z_channels, dropout=cfg.dropout, mid_attention=cfg.mid_attention,
+                   scale_factor=cfg.scale_factor, mel_mean=cfg.mel_mean, mel_std=cfg.mel_std)
 
     def encode(self, mel: Tensor) -> DiagonalGaussian:
         """mel: (B, n_mels, T) → posterior over latents (B, C, T / r, n_mels / r)."""
