@@ -10,6 +10,7 @@ upsamples by (5, 4, 2, 2, 2).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,10 @@ class HiFiGANGenerator(nn.Module):
         resblock_kernel_sizes: Kernel sizes of the MRF's parallel ``ResBlock1``s.
         resblock_dilation_sizes: Dilations of each of those blocks.
         n_mels: Mel bins of the input.
+        upsample_padding: ``"exact"`` pads each transposed conv so that it upsamples by exactly
+            its rate; ``"reference"`` uses the reference implementation's padding (whose stage
+            overshoots by a sample when kernel - rate is odd) and crops the output, so weights
+            imported from it give its waveform sample for sample. Both return T * hop samples.
     """
 
     def __init__(self, *, upsample_rates: Sequence[int] = (5, 4, 2, 2, 2),
@@ -82,8 +87,10 @@ class HiFiGANGenerator(nn.Module):
                  upsample_initial_channel: int = 1024,
                  resblock_kernel_sizes: Sequence[int] = (3, 7, 11),
                  resblock_dilation_sizes: Sequence[Sequence[int]] = ((1, 3, 5),) * 3,
-                 n_mels: int = 64):
+                 n_mels: int = 64, upsample_padding: Literal["exact", "reference"] = "exact"):
         super().__init__()
+        if upsample_padding not in ("exact", "reference"):
+            raise ValueError(f"upsample_padding must be 'exact' or 'reference', not {upsample_padding!r}")
         if len(upsample_rates) != len(upsample_kernel_sizes):
             raise ValueError("need one upsample kernel size per upsample rate")
         if len(resblock_kernel_sizes) != len(resblock_dilation_sizes):
@@ -102,8 +109,12 @@ class HiFiGANGenerator(nn.Module):
             # ConvTranspose1d gives (L - 1) u - 2 p + k + op samples. The reference uses
             # p = (k - u) // 2, which yields L u + 1 when k - u is odd (k=16, u=5), so the
             # output overshoots T * hop. Rounding p up and adding the odd sample back as
-            # output_padding gives exactly L u for every (k, u) with the same weights.
-            pad, out_pad = (k - u + 1) // 2, (k - u) % 2
+            # output_padding gives exactly L u for every (k, u) with the same weights; but it
+            # shifts that stage by one sample, so imported weights need the reference padding.
+            if upsample_padding == "exact":
+                pad, out_pad = (k - u + 1) // 2, (k - u) % 2
+            else:
+                pad, out_pad = (k - u) // 2, 0
             self.ups.append(weight_norm(nn.ConvTranspose1d(ch, ch // 2, k, u, padding=pad,
                                                            output_padding=out_pad)))
             ch //= 2
@@ -118,7 +129,8 @@ class HiFiGANGenerator(nn.Module):
         return cls(upsample_rates=cfg.upsample_rates, upsample_kernel_sizes=cfg.upsample_kernel_sizes,
                    upsample_initial_channel=cfg.upsample_initial_channel,
                    resblock_kernel_sizes=cfg.resblock_kernel_sizes,
-                   resblock_dilation_sizes=cfg.resblock_dilation_sizes, n_mels=n_mels)
+                   resblock_dilation_sizes=cfg.resblock_dilation_sizes, n_mels=n_mels,
+                   upsample_padding=cfg.upsample_padding)
 
     def forward(self, mel: Tensor) -> Tensor:
         """Vocode.
@@ -136,8 +148,10 @@ class HiFiGANGenerator(nn.Module):
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
         # Default slope 0.01 here, as in the reference implementation.
-        x = torch.tanh(self.conv_post(F.leaky_relu(x)))  # (B, 1, T * hop)
-        return x.squeeze(1)
+        x = torch.tanh(self.conv_post(F.leaky_relu(x)))  # (B, 1, >= T * hop)
+        # A no-op for "exact"; for "reference" it drops the overshoot, which the reference
+        # leaves at the end (every stage pads its start by the same (k - u) // 2).
+        return x[..., :mel.shape[-1] * self.hop].squeeze(1)  # (B, T * hop)
 
     def remove_weight_norm(self) -> HiFiGANGenerator:
         """Fold weight norm into plain weights for inference (same outputs, less compute)."""
