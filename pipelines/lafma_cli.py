@@ -1,7 +1,11 @@
-"""The installed ``lafma`` command: ``describe`` (from :mod:`lafma.cli`) and ``generate``.
+"""The installed ``lafma`` command: ``describe`` (from :mod:`lafma.cli`), ``generate`` and ``import``.
 
 ``lafma generate "a dog barks twice" -o dog.wav`` generates one clip with the registered
 champion (or any ``--model``: ``models:/lafma/3``, ``runs:/<id>/model``, a bundle directory).
+
+``lafma import --lfm lafma.ckpt --vae vaegan.ckpt --vocoder hifigan_16k_64bins.ckpt
+--text-encoder flan-t5-large/ --out lafma-released/ --register`` turns the published files into
+a bundle (and a registered version) that everything else uses unchanged.
 """
 
 from __future__ import annotations
@@ -63,10 +67,58 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
 
 
+def _import(args: argparse.Namespace) -> int:
+    from lafma.config import ConfigError, load_yaml, model_sections
+    from lafma.convert.checkpoint import CheckpointError
+    from lafma.importer import import_published
+
+    try:
+        base = model_sections(load_yaml(args.config)) if args.config else None
+        manifest = import_published(lfm=args.lfm, vae=args.vae, vocoder=args.vocoder,
+                                    vocoder_config=args.vocoder_config, text_encoder=args.text_encoder,
+                                    out_dir=args.out, base=base, overrides=args.overrides)
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"lafma import: {e}", file=sys.stderr)
+        return 2
+    sources = manifest["lineage"]["sources"]
+    print(f"{args.out}: bundle of " + ", ".join(f"{c} from {s['name']} ({s['format']})" for c, s in sources.items()
+                                                 if c != "vocoder_config"))
+    if args.register:
+        from pipelines.core.registry import register_imported
+
+        reg = register_imported(args.out, root=args.root, sources=sources)
+        print(f"registered {reg.uri} (candidate; not gated: evaluate it, then promote with pipelines/promote.py)")
+    return 0
+
+
+def add_import(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("import", help="published LAFMA / AudioLDM weights -> a bundle (and a registered version)")
+    i.add_argument("--lfm", required=True, help="released LAFMA LFM checkpoint ({'model': ...}, keys unet.*)")
+    i.add_argument("--vae", required=True,
+                   help="released VAEGAN checkpoint ({'autoencoder': ...}), an LDM checkpoint, or a diffusers vae/ dir")
+    i.add_argument("--vocoder", required=True,
+                   help="AudioLDM's hifigan_16k_64bins.ckpt, or a diffusers vocoder/ dir (SpeechT5HifiGan)")
+    i.add_argument("--vocoder-config", default=None, help="the HiFi-GAN JSON (default: beside the .ckpt)")
+    i.add_argument("--text-encoder", required=True, help="FLAN-T5 save_pretrained directory or hub id")
+    i.add_argument("--out", required=True, help="bundle directory to write")
+    i.add_argument("--config", default=None, help="YAML whose sections the bundle starts from")
+    i.add_argument("--register", action="store_true", help="also register the bundle as a version of lafma")
+    i.add_argument("--root", default=os.environ.get("LAFMA_ROOT", ".lafma"),
+                   help="storage root whose MLflow store holds the registry (default: .lafma, or $LAFMA_ROOT)")
+    i.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. unet.num_heads=8 sampler.steps=200")
+    i.set_defaults(func=_import)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    add_generate(sub)
+    add_import(sub)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.config import PipelineConfig
 
-    return lafma_cli.main(argv, extend=add_generate, config_cls=PipelineConfig)
+    return lafma_cli.main(argv, extend=add_commands, config_cls=PipelineConfig)
 
 
 if __name__ == "__main__":

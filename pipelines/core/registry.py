@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -137,6 +138,28 @@ def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_
     return Registered(version, f"models:/{MODEL_NAME}/{version}")
 
 
+def register_imported(bundle_dir: str, *, root: str, sources: Mapping[str, Mapping[str, Any]]) -> Registered:
+    """Register an imported bundle (:func:`lafma.importer.import_published`) in its own run of
+    the ``lafma-import`` experiment. Its tags name each source file and its SHA-256 and say
+    "imported"; it has no gate value yet (NaN), so the gate will not promote it until an
+    evaluation sets one (:func:`set_gate`) or someone promotes it by hand."""
+    tags = {"lafma.imported": "true"}
+    for part, src in sources.items():
+        tags[f"lafma.source.{part}"] = src["name"]
+        tags[f"lafma.source.{part}.format"] = src["format"]
+        for file, digest in src["sha256"].items():
+            tags[f"lafma.source.{part}.sha256" + ("" if file == src["name"] else f".{file}")] = digest
+    run_id = tracking.start_run(root=root, experiment="lafma-import", run_name="import", tags=tags,
+                                params={"sources": {p: s["path"] for p, s in sources.items()}})
+    try:
+        reg = register(bundle_dir, root=root, run_id=run_id, gate_metric="none", gate_value=float("nan"), tags=tags)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", tracking=tracking.tracking_uri(root))
+        raise
+    tracking.end_run(run_id, tracking=tracking.tracking_uri(root))
+    return reg
+
+
 def set_gate(version: str, *, root: str, metric: str, value: float, lower_is_better: bool = True) -> None:
     """Replace a version's gate metric (the evaluation stage's, once it has measured one)."""
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
@@ -170,6 +193,9 @@ def gate(*, root: str, version: str | None = None) -> Decision:
     champ = _alias_version(client, CHAMPION)
     metric, value, mode = cand.tags.get(GATE_METRIC_TAG), float(cand.tags.get(GATE_VALUE_TAG, "nan")), cand.tags.get(GATE_MODE_TAG)
     cand_v, champ_v = str(cand.version), (str(champ.version) if champ else None)
+    if math.isnan(value):
+        return Decision(False, f"version {cand_v} has no {metric or 'gate'} value (imported or not evaluated): "
+                               "evaluate it, or promote by hand (pipelines/promote.py)", cand_v, champ_v)
     if champ is None:
         ok, why = True, f"no champion yet; {metric} = {value:.6g}"
     elif champ_v == cand_v:

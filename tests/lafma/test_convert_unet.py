@@ -11,6 +11,7 @@ import torch
 from lafma.convert.checkpoint import CheckpointError
 from lafma.convert.unet import convert_unet
 from lafma.unet import UNet
+from tests.published import ldm_unet_keys as ldm_keys
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
@@ -18,20 +19,6 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # n
 ARCH = dict(in_channels=8, out_channels=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
             attention_resolutions=(2,), context_dim=16)
 HEADS = 4
-
-
-def ldm_keys(sd: dict) -> dict:
-    """This project's UNet names → the released (LDM openaimodel) names, written out by hand
-    from the released layout: the test's statement of what the files look like."""
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"\.out_layers\.2\.", ".out_layers.3.", k)
-        k = re.sub(r"\.out_norm\.", ".out_layers.0.", k)
-        k = re.sub(r"\.skip\.", ".skip_connection.", k)
-        k = re.sub(r"\.blocks\.", ".transformer_blocks.", k)
-        k = re.sub(r"\.ff\.(\d)\.", r".ff.net.\1.", k)
-        out[k] = v
-    return out
 
 
 def random_unet(extra: bool = False, seed: int = 0) -> UNet:
