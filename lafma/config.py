@@ -169,6 +169,9 @@ class VAEConfig:
     # AudioLDM's VAE (and diffusers') has one self-attention block in the middle of the encoder
     # and the decoder; LAFMA's released VAEGAN (Amphion's) has none.
     mid_attention: bool = True
+    # Use these weights instead of training a VAE (a bundle directory, models:/ or runs:/ URI, or
+    # a published checkpoint: pipelines.train.sources); the architecture is read from them.
+    pretrained: str = ""
 
     def validate(self, prefix: str = "vae") -> None:
         require(self.ch > 0 and self.ch % 32 == 0, f"{prefix}.ch", "must be a positive multiple of 32 (GroupNorm)")
@@ -337,6 +340,9 @@ class HiFiGANConfig:
     # by a sample when kernel - rate is odd; the output is cropped to T * hop at the end, so
     # imported vocoders reproduce the published ones sample for sample.
     upsample_padding: Literal["exact", "reference"] = "exact"
+    # Use these weights instead of training a vocoder, as vae.pretrained (e.g. AudioLDM's
+    # hifigan_16k_64bins.ckpt, its JSON beside it).
+    pretrained: str = ""
     mpd_periods: tuple[int, ...] = (2, 3, 5, 7, 11)
     # Channel multiplier of both discriminators (1.0: the paper's 41.1 M MPD + 29.6 M MSD).
     disc_width_mult: float = 1.0

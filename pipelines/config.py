@@ -193,6 +193,10 @@ class TrainConfig:
     ema_decay: float = 0.9999
     seed: int = 0
     fail_at_step: int = -1
+    # Start from these weights instead of a random init (fine-tuning): a bundle directory, a
+    # models:/ or runs:/ URI, or a published checkpoint of the job's component
+    # (pipelines.train.sources). A resumed run continues from its own checkpoint instead.
+    init_from: str = ""
 
     def validate(self, prefix: str = "train") -> None:
         require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")

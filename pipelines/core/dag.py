@@ -110,9 +110,14 @@ def run_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str]
             until: str | None = None) -> list[StageReport]:
     """Run the selected stages in DAG order (see the module docstring); each stage that runs
     gets an MLflow child run under the pipeline's parent run."""
+    from pipelines.train.sources import resolve_sources
+
     names = [s.name for s in stages]
     chosen = select(names, only, start, until)
-    ctx = StageContext(cfg=cfg, root=storage.absolute(cfg.storage.root), dataset=dataset_name(cfg))
+    root = storage.absolute(cfg.storage.root)
+    # Weights from elsewhere decide their components' architecture: resolved before any hash.
+    cfg, sources = resolve_sources(cfg, root)
+    ctx = StageContext(cfg=cfg, root=root, dataset=dataset_name(cfg), sources=sources)
     ctx.hashes["config"] = config_hash(cfg)
     reports: list[StageReport] = []
     last = max(names.index(n) for n in chosen)

@@ -39,6 +39,9 @@ class StageContext:
     # The pipeline's MLflow parent run; each stage's run is its child (ids by stage name).
     parent_run_id: str | None = None
     run_ids: dict[str, str] = field(default_factory=dict)
+    # Config keys that name weights from elsewhere (vae.pretrained, train_lfm.init_from, ...):
+    # their uri, sha256 and format (pipelines.train.sources.resolve_sources).
+    sources: dict[str, dict] = field(default_factory=dict)
 
     def data_dir(self, stage: str, digest: str) -> str:
         return storage.join(self.root, "data", self.dataset, f"{stage}-{digest}")

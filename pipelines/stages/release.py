@@ -88,7 +88,10 @@ class PackageStage(Stage):
                        # A training stage's hash here also counts its steps; its path is where it lives.
                        **{f"{n}_hash": ctx.hashes[n] for n in ("ingest", "audio", "text", *self.needs)},
                        **{f"{n}_path": ctx.outputs[n] for n in ("ingest", "audio", "text", *self.needs)},
-                       **{f"{job.stage}_run": ctx.run_ids.get(job.stage, "") for job in JOBS.values()}}
+                       **{f"{job.stage}_run": ctx.run_ids.get(job.stage, "") for job in JOBS.values()},
+                       # Weights from elsewhere (vae.pretrained, train_lfm.init_from, ...): what and which.
+                       **{f"{key}{suffix}": src[field] for key, src in ctx.sources.items()
+                          for suffix, field in (("", "uri"), (".sha256", "sha256"), (".format", "format"))}}
             bundle = os.path.join(tmp, "bundle")
             manifest = write_bundle(bundle, components=components, weights=weights, lineage=lineage)
             pipe = load_bundle(bundle)  # proves the bundle loads before anyone can promote it

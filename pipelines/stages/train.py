@@ -50,15 +50,63 @@ def trained_weights(ctx: StageContext, job: JobSpec) -> str:
     return storage.join(ctx.outputs[job.stage], job.weights_file)
 
 
+def _init_key(ctx: StageContext, section: str) -> dict:
+    """``train_<job>.init_from`` hashes by the weights it names, not by their path."""
+    source = ctx.sources.get(f"{section}.init_from")
+    return {"init_from": source["sha256"]} if source else {}
+
+
 class _TrainStage(Stage):
     """A stage that runs one training job: its row of :data:`~pipelines.train.jobs.JOBS`
-    names the stage, its config section and its export."""
+    names the stage, its config section and its export.
+
+    With ``<component>.pretrained`` set it trains nothing: it exports the named weights (the
+    stage is "imported", hashed by their SHA-256 and the mel config); with
+    ``train_<job>.init_from`` the job starts from the named weights."""
 
     job: JobSpec
+    pretrained_key: str = ""
 
     def done(self, marker: dict, ctx: StageContext) -> bool:
-        """Finished only if it reached the configured number of steps."""
-        return int(marker.get("steps") or 0) >= self.job.train_config(ctx.cfg).steps
+        """Finished only if it reached the configured number of steps (or imported its weights)."""
+        return bool(marker.get("imported")) or int(marker.get("steps") or 0) >= self.job.train_config(ctx.cfg).steps
+
+    def imported_key(self, ctx: StageContext) -> dict | None:
+        source = ctx.sources.get(self.pretrained_key)
+        if source is None:
+            return None
+        return {"imported": source["sha256"], "mel": ctx.cfg.mel}
+
+    def export_imported(self, ctx: StageContext, out_dir: str) -> dict:
+        from pipelines.train.sources import source_weights
+        from pipelines.train.weights import export_weights
+
+        source = ctx.sources[self.pretrained_key]
+        export_weights(source_weights(ctx.cfg, self.pretrained_key, ctx.root), ctx.cfg, out_dir, self.job.component)
+        print(f"[{self.name}] {self.pretrained_key} = {source['uri']}: nothing to train, exported "
+              f"({source['format']}, sha256 {source['sha256'][:12]})", flush=True)
+        return {"imported": True, "source": source, "steps": 0,
+                "weights": storage.join(out_dir, self.job.weights_file)}
+
+    def train(self, ctx: StageContext, out_dir: str, cfg: PipelineConfig | None = None, extra: dict | None = None,
+              data_dir: str | None = None) -> dict:
+        """Run the job; with ``init_from``, its starting weights are written beside the output first."""
+        from pipelines.train.launch import train_job
+
+        cfg = cfg or ctx.cfg
+        extra = dict(extra or {})
+        key = f"{self.job.section}.init_from"
+        if key in ctx.sources:
+            from pipelines.train.sources import source_weights
+            from pipelines.train.weights import export_weights
+
+            init_dir = storage.join(out_dir, "init")
+            export_weights(source_weights(cfg, key, ctx.root), cfg, init_dir, self.job.component)
+            extra["init_weights"] = storage.join(init_dir, self.job.weights_file)
+            print(f"[{self.name}] starting from {key} = {ctx.sources[key]['uri']}", flush=True)
+        return train_job(cfg, self.job.name, root=ctx.root, data_dir=data_dir or ctx.outputs[self.needs[0]],
+                         out_dir=out_dir, stage_hash=ctx.hashes[self.name], extra=extra,
+                         parent_run_id=ctx.parent_run_id)
 
     def version(self, marker: dict):
         """The steps reached: raising ``steps`` resumes in the same directory, with new weights."""
@@ -69,18 +117,22 @@ class TrainVAEStage(_TrainStage):
     job = JOBS["vae"]
     name = job.stage
     needs = ("audio",)
+    pretrained_key = "vae.pretrained"
 
     def key(self, ctx: StageContext) -> dict:
-        key = {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", self.job.section)}
         # The latent scale only matters to the flow model: changing it must not retrain the VAE.
-        key["vae"] = {k: v for k, v in to_dict(ctx.cfg.vae).items() if k != "scale_factor"}
+        vae = {k: v for k, v in to_dict(ctx.cfg.vae).items() if k not in ("scale_factor", "pretrained")}
+        if (imported := self.imported_key(ctx)) is not None:
+            return {**imported, "vae": vae}
+        key = {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", self.job.section)}
+        key["vae"] = vae
+        key[self.job.section] = {**key[self.job.section], **_init_key(ctx, self.job.section)}
         return key
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
-        from pipelines.train.launch import train_job
-
-        return train_job(ctx.cfg, self.job.name, root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
-                         stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
+        if self.pretrained_key in ctx.sources:
+            return self.export_imported(ctx, out_dir)
+        return self.train(ctx, out_dir)
 
 
 class TrainVocoderStage(_TrainStage):
@@ -91,17 +143,22 @@ class TrainVocoderStage(_TrainStage):
     job = JOBS["vocoder"]
     name = job.stage
     needs = ("audio",)
+    pretrained_key = "vocoder.pretrained"
 
     def done(self, marker: dict, ctx: StageContext) -> bool:
         return marker.get("kind") == "griffinlim" or super().done(marker, ctx)
 
     def key(self, ctx: StageContext) -> dict:
-        return {"audio": ctx.hashes["audio"],
-                **_model_section(ctx.cfg, "mel", "vocoder", "vocoder_loss", self.job.section)}
+        if (imported := self.imported_key(ctx)) is not None:
+            return {**imported, "vocoder": {k: v for k, v in to_dict(ctx.cfg.vocoder).items() if k != "pretrained"}}
+        key = {"audio": ctx.hashes["audio"],
+               **_model_section(ctx.cfg, "mel", "vocoder", "vocoder_loss", self.job.section)}
+        key[self.job.section] = {**key[self.job.section], **_init_key(ctx, self.job.section)}
+        return key
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
-        from pipelines.train.launch import train_job
-
+        if self.pretrained_key in ctx.sources:
+            return self.export_imported(ctx, out_dir)
         if ctx.cfg.vocoder.kind == "griffinlim":
             from lafma.models import build_vocoder
             from pipelines.train.weights import export_weights
@@ -109,8 +166,7 @@ class TrainVocoderStage(_TrainStage):
             export_weights(build_vocoder(ctx.cfg).state_dict(), ctx.cfg, out_dir, self.job.component)
             print(f"[{self.name}] vocoder.kind is griffinlim: nothing to train, exported", flush=True)
             return {"kind": "griffinlim", "steps": 0, "weights": storage.join(out_dir, self.job.weights_file)}
-        return train_job(ctx.cfg, self.job.name, root=ctx.root, data_dir=ctx.outputs["audio"], out_dir=out_dir,
-                         stage_hash=ctx.hashes[self.name], parent_run_id=ctx.parent_run_id)
+        return self.train(ctx, out_dir)
 
 
 class EncodeLatents:
@@ -240,12 +296,13 @@ class TrainLFMStage(_TrainStage):
     def key(self, ctx: StageContext) -> dict:
         # Not the sampler (inference settings) nor the vocoder (it only renders sample audio):
         # changing them must not restart training.
-        return {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
-                **_model_section(ctx.cfg, "unet", "flow", self.job.section), "scale_factor": ctx.cfg.vae.scale_factor}
+        key = {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
+               **_model_section(ctx.cfg, "unet", "flow", self.job.section), "scale_factor": ctx.cfg.vae.scale_factor}
+        key[self.job.section] = {**key[self.job.section], **_init_key(ctx, self.job.section)}
+        return key
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.core.stage import read_marker
-        from pipelines.train.launch import train_job
 
         cfg = resolve_scale_factor(ctx.cfg, read_marker(ctx.outputs["latents"]) or {})
         # The width the text stage recorded, made explicit: the workers, the exported config and
@@ -255,5 +312,4 @@ class TrainLFMStage(_TrainStage):
         extra = {"vae_weights": trained_weights(ctx, JOBS["vae"]),
                  "vocoder_weights": trained_weights(ctx, JOBS["vocoder"]),
                  "null_emb": list(map(float, null["emb"]))}
-        return train_job(cfg, self.job.name, root=ctx.root, data_dir=ctx.outputs["latents"], out_dir=out_dir,
-                         stage_hash=ctx.hashes[self.name], extra=extra, parent_run_id=ctx.parent_run_id)
+        return self.train(ctx, out_dir, cfg=cfg, extra=extra, data_dir=ctx.outputs["latents"])

@@ -21,6 +21,7 @@ from pipelines.config import TrainConfig
 from pipelines.core.tracking import RunLogger
 from pipelines.train.data import epochs
 from pipelines.train.loop import Job, JobInputs
+from pipelines.train.weights import load_weights
 
 # Named unweighted terms and their lambdas (keys the terms lack are skipped).
 Losses = tuple[dict[str, Tensor], Mapping[str, float | Tensor]]
@@ -119,6 +120,8 @@ def gan_job(task: GANTask, inputs: JobInputs) -> Job:
     """The task's generator and discriminator as two engines, its batch stream, step and samples."""
     t, device = task.train, inputs.device
     generator, discriminator = task.models()
+    if inputs.extra.get("init_weights"):  # fine-tuning: the exported part starts from them
+        task.exported(generator).load_state_dict(load_weights(inputs.extra["init_weights"]))
     gen = inputs.engine(generator, t, t.lr, inputs.bf16)
     disc = inputs.engine(discriminator, t, t.disc_lr or t.lr, inputs.bf16)
     kept: dict[str, Tensor] = {}

@@ -33,11 +33,15 @@ def lfm_job(inputs: JobInputs) -> Job:
     """The UNet's engine, its EMA, the latent batch stream, the step and the samples.
 
     ``inputs.extra`` holds ``null_emb`` (the empty caption's flat embedding) and, optionally,
-    ``vae_weights`` and ``vocoder_weights``: without them the samples are latents only.
+    ``vae_weights`` and ``vocoder_weights`` (without them the samples are latents only) and
+    ``init_weights`` (the UNet's starting weights).
     """
     cfg, device, extra = inputs.cfg, inputs.device, inputs.extra
     t, s = cfg.train_lfm, cfg.sampler
-    engine = inputs.engine(build_unet(cfg), t, t.lr, inputs.bf16)
+    unet = build_unet(cfg)
+    if extra.get("init_weights"):  # fine-tuning: the UNet and so its EMA start from them
+        unet.load_state_dict(load_weights(extra["init_weights"]))
+    engine = inputs.engine(unet, t, t.lr, inputs.bf16)
     ema = EMA(engine.module, t.ema_decay).to(device)
     decoder = vocoder = None
     if extra.get("vae_weights"):

@@ -102,3 +102,91 @@ def test_import_refuses_a_vocoder_trained_on_other_mels(published, tmp_path, cap
     assert run_import(files, tmp_path / "bundle", tmp_path / "store", "mel.hop_length=256",
                       "vocoder.upsample_rates=[4,4,4,2,2]") == 2
     assert "mel.hop_length" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def imported_bundle(published, tmp_path_factory):
+    files, _ = published
+    out = tmp_path_factory.mktemp("imported") / "bundle"
+    assert run_import(files, out, out.parent / "store") == 0
+    return out
+
+
+def test_pretrained_sources_are_refused_when_trained_on_other_mels(imported_bundle, tmp_path):
+    from lafma.config import ConfigError
+    from pipelines.config import load_pipeline_config
+    from pipelines.train.sources import resolve_sources
+
+    cfg = load_pipeline_config(CONFIG, [f"vocoder.pretrained={imported_bundle}", "mel.f_max=7000"])
+    with pytest.raises(ConfigError, match="vocoder.pretrained.*mel config"):
+        resolve_sources(cfg, str(tmp_path))
+    cfg = load_pipeline_config(CONFIG, [f"vae.pretrained={tmp_path / 'missing.ckpt'}"])
+    with pytest.raises(ConfigError, match="vae.pretrained.*no such file"):
+        resolve_sources(cfg, str(tmp_path))
+    # The architecture comes from the weights: the config's VAE has mid attention, the file none.
+    cfg = load_pipeline_config(CONFIG, [f"vae.pretrained={imported_bundle}"])
+    resolved, sources = resolve_sources(cfg, str(tmp_path))
+    assert cfg.vae.mid_attention and not resolved.vae.mid_attention
+    assert sources["vae.pretrained"]["format"] == "bundle"
+
+
+def test_dag_with_imported_vae_and_vocoder_fine_tunes_only_the_lfm(imported_bundle, tmp_path, ray_local):
+    from safetensors.torch import load_file
+
+    from pipelines.config import load_pipeline_config
+    from pipelines.core.dag import run_dag
+    from pipelines.stages import STAGES
+
+    root = tmp_path / "root"
+    base = [f"storage.root={root}", f"vae.pretrained={imported_bundle}", f"vocoder.pretrained={imported_bundle}",
+            f"train_lfm.init_from={imported_bundle}", "train_lfm.checkpoint_every=2", "train_lfm.sample_every=100",
+            "train_lfm.lr=1e-7", "train_lfm.warmup_steps=0", "train_lfm.ema_decay=0.5"]
+    reports = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [*base, "train_lfm.steps=2"]), STAGES,
+                                          until="train_lfm")}
+    for stage in ("train_vae", "train_vocoder"):
+        assert reports[stage].info["imported"] is True and "final_metrics" not in reports[stage].info  # not trained
+    bundle = {c: load_file(str(imported_bundle / f"{c}.safetensors")) for c in ("unet", "vae", "vocoder")}
+    exported_vae = load_file(reports["train_vae"].info["weights"])
+    assert all(torch.equal(exported_vae[k], v) for k, v in bundle["vae"].items())
+    # A near-zero learning rate: the LFM's weights are still the imported ones, not a random init.
+    lfm = load_file(reports["train_lfm"].info["weights"])
+    assert max((lfm[k] - v).abs().max().item() for k, v in bundle["unet"].items()) < 1e-3
+    assert reports["train_lfm"].info["steps"] == 2
+
+    # More steps: the same stage resumes from its checkpoint, then packages and registers.
+    reports = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [*base, "train_lfm.steps=4"]), STAGES,
+                                          until="package")}
+    assert reports["train_lfm"].info["resumed_from"] == 2 and reports["train_lfm"].info["steps"] == 4
+    assert reports["train_vae"].status == reports["train_vocoder"].status == "skipped"
+    client = mlflow.MlflowClient(tracking.tracking_uri(str(root)))
+    version = client.get_model_version(registry.MODEL_NAME, reports["package"].info["model_version"])
+    assert version.tags["lafma.vae.pretrained"] == str(imported_bundle)
+    assert version.tags["lafma.train_lfm.init_from.sha256"] == file_sha256(str(imported_bundle / "unet.safetensors"))
+    assert version.tags["lafma.vocoder.pretrained.format"] == "bundle"
+
+
+@pytest.mark.parametrize("job", ["vae", "vocoder", "lfm"])
+def test_every_job_starts_from_its_init_weights(job, imported_bundle, tmp_path):
+    """train_<job>.init_from reaches the job: its exported weights before any step are the
+    source's (for the LFM, its EMA's too)."""
+    from safetensors.torch import load_file
+
+    from pipelines.config import load_pipeline_config
+    from pipelines.train.engines import PlainEngine
+    from pipelines.train.jobs import JOBS
+    from pipelines.train.loop import JobInputs
+    from pipelines.train.sources import resolve_sources
+
+    spec = JOBS[job]
+    cfg, _ = resolve_sources(load_pipeline_config(CONFIG, [f"{spec.section}.init_from={imported_bundle}"]), str(tmp_path))
+    weights = load_file(str(imported_bundle / spec.weights_file))
+    extra = {"init_weights": str(imported_bundle / spec.weights_file), "null_emb": [0.0] * 32}
+    built = spec.build(JobInputs(cfg, shard=None, device=torch.device("cpu"), bf16=False, extra=extra,
+                                 engine=PlainEngine))
+    final = built.final_weights()
+    assert final.keys() == weights.keys()
+    assert all(torch.equal(final[k].float(), v) for k, v in weights.items())
+    # and without init_from the job starts elsewhere (so the check above could fail)
+    fresh = spec.build(JobInputs(cfg, shard=None, device=torch.device("cpu"), bf16=False,
+                                 extra={"null_emb": [0.0] * 32}, engine=PlainEngine)).final_weights()
+    assert any(not torch.equal(fresh[k].float(), v) for k, v in weights.items())
