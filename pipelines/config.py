@@ -199,7 +199,8 @@ class TrainConfig:
     init_from: str = ""
 
     def validate(self, prefix: str = "train") -> None:
-        require(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        require(self.steps >= 1 or (self.steps == 0 and bool(self.init_from)), f"{prefix}.steps",
+                "must be >= 1 (0 only with init_from: its weights, as they are)")
         require(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         require(self.lr > 0, f"{prefix}.lr", "must be positive")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")

@@ -53,7 +53,10 @@ def trained_weights(ctx: StageContext, job: JobSpec) -> str:
 def _init_key(ctx: StageContext, section: str) -> dict:
     """``train_<job>.init_from`` hashes by the weights it names, not by their path."""
     source = ctx.sources.get(f"{section}.init_from")
-    return {"init_from": source["sha256"]} if source else {}
+    if not source:
+        return {}
+    # steps is left out of the hash (more steps resume); 0 steps is another output: the source as it is.
+    return {"init_from": source["sha256"], **({"as_is": True} if getattr(ctx.cfg, section).steps == 0 else {})}
 
 
 class _TrainStage(Stage):
@@ -100,8 +103,14 @@ class _TrainStage(Stage):
             from pipelines.train.sources import source_weights
             from pipelines.train.weights import export_weights
 
+            weights = source_weights(cfg, key, ctx.root)
+            if self.job.train_config(cfg).steps == 0:  # evaluate / package the source as it is
+                export_weights(weights, cfg, out_dir, self.job.component)
+                print(f"[{self.name}] {self.job.section}.steps is 0: {key} = {ctx.sources[key]['uri']} exported as it is",
+                      flush=True)
+                return {"steps": 0, "init_only": True, "weights": storage.join(out_dir, self.job.weights_file)}
             init_dir = storage.join(out_dir, "init")
-            export_weights(source_weights(cfg, key, ctx.root), cfg, init_dir, self.job.component)
+            export_weights(weights, cfg, init_dir, self.job.component)
             extra["init_weights"] = storage.join(init_dir, self.job.weights_file)
             print(f"[{self.name}] starting from {key} = {ctx.sources[key]['uri']}", flush=True)
         return train_job(cfg, self.job.name, root=ctx.root, data_dir=data_dir or ctx.outputs[self.needs[0]],

@@ -164,6 +164,14 @@ def test_dag_with_imported_vae_and_vocoder_fine_tunes_only_the_lfm(imported_bund
     assert version.tags["lafma.train_lfm.init_from.sha256"] == file_sha256(str(imported_bundle / "unet.safetensors"))
     assert version.tags["lafma.vocoder.pretrained.format"] == "bundle"
 
+    # Zero steps: the imported LFM as it is, packaged and registered (what evaluating it needs).
+    reports = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [*base, "train_lfm.steps=0"]), STAGES,
+                                          until="package")}
+    assert reports["train_lfm"].status == "ran" and reports["train_lfm"].info["init_only"] is True
+    lfm = load_file(reports["train_lfm"].info["weights"])
+    assert all(torch.equal(lfm[k], v) for k, v in bundle["unet"].items())
+    assert reports["package"].info["model_version"] != version.version
+
 
 @pytest.mark.parametrize("job", ["vae", "vocoder", "lfm"])
 def test_every_job_starts_from_its_init_weights(job, imported_bundle, tmp_path):
