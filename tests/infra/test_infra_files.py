@@ -157,7 +157,7 @@ def test_image_matches_installed_ray_python_and_pyproject():
 
 def test_dockerfile_installs_exactly_the_pyproject_pins():
     deps = _pyproject()["project"]["dependencies"]
-    assert "torch==2.11.*" in deps and "torchaudio==2.11.*" in deps
+    assert "torch==2.11.0" in deps and "torchaudio==2.11.0" in deps
     # Any torch pin spelled out in the Dockerfile must be pyproject's.
     for name, pin in re.findall(r"\b(torch|torchaudio)(==[\w.*]+)", DOCKERFILE):
         assert f"{name}{pin}" in deps, f"Dockerfile pins {name}{pin}, pyproject {deps}"
