@@ -54,6 +54,20 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def tree_sha256(path: str) -> str:
+    """A file's SHA-256, or a directory's: the SHA-256 of its files' relative paths and digests,
+    recursively (a diffusers pipeline's ``vae/`` is inside the directory given)."""
+    if os.path.isfile(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for d, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(d, name), path)
+            h.update(f"{rel}:{file_sha256(os.path.join(d, name))}\n".encode())
+    return h.hexdigest()
+
+
 def weights_mel_hash(path: str) -> str | None:
     """The mel-config hash stored in a safetensors file's metadata (None if it has none)."""
     with safe_open(path, framework="pt") as f:

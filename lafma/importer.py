@@ -36,23 +36,30 @@ RELEASED = {
 }
 
 
+# The released script tokenises captions up to the tokenizer's 512 tokens.
+RELEASED_TEXT_LENGTH = 512
+
+
 def _text_section(text_encoder: str) -> dict:
     """``--text-encoder``: a local ``save_pretrained`` directory (its config says T5 or not) or a hub id."""
     config = os.path.join(text_encoder, "config.json")
     if os.path.isfile(config):
         with open(config) as f:
             kind = "t5" if json.load(f).get("model_type") in ("t5", "mt5", "umt5") else "minilm"
-        return {"kind": kind, "name_or_path": os.path.abspath(text_encoder)}
+        return {"kind": kind, "name_or_path": os.path.abspath(text_encoder), "max_length": RELEASED_TEXT_LENGTH}
     if os.path.exists(text_encoder):
         raise ConfigError("--text-encoder", f"{text_encoder} is not a save_pretrained directory (no config.json)")
-    return {"kind": "t5", "name_or_path": text_encoder}
+    return {"kind": "t5", "name_or_path": text_encoder, "max_length": RELEASED_TEXT_LENGTH}
 
 
 def _source(path: str, fmt: str) -> dict:
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
-    return {"path": os.path.abspath(path), "name": os.path.basename(path.rstrip("/")), "format": fmt,
-            "sha256": {os.path.basename(f): file_sha256(f) for f in files}}
+    """Provenance of one source: its name, format and the SHA-256 of every file in it."""
+    name = os.path.basename(path.rstrip("/"))
+    if os.path.isfile(path):
+        return {"path": os.path.abspath(path), "name": name, "format": fmt, "sha256": {name: file_sha256(path)}}
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+    return {"path": os.path.abspath(path), "name": name, "format": fmt,
+            "sha256": {f: file_sha256(os.path.join(path, f)) for f in files}}
 
 
 def imported_config(*, unet: Mapping, vae: Mapping, vocoder: Mapping, vocoder_mel: Mapping, text: Mapping,

@@ -30,21 +30,28 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        lines = str(err).strip().splitlines()
+        detail = next((line for line in lines if "GLOBAL" in line), "")
+        if not detail:  # not a refused global: a truncated download, an HTML page, another format
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({lines[0] if lines else err}); "
+                                  "is the download complete?") from None
         # torch's message names the global the pickle wanted; keep it, say what to do.
-        first = str(err).strip().splitlines()
-        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
         raise CheckpointError(
             f"{path} needs arbitrary pickle to load ({detail.strip()}). Unpickling it could run code, so "
             "LAFMA only reads tensors and plain containers (torch.load weights_only=True). Re-save just the "
             "state dict (torch.save({'model': sd}, path)) from an environment you trust, or use safetensors."
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a mapping of tensors")

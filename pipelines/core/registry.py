@@ -200,6 +200,9 @@ def gate(*, root: str, version: str | None = None) -> Decision:
         ok, why = True, f"no champion yet; {metric} = {value:.6g}"
     elif champ_v == cand_v:
         return Decision(False, f"version {cand_v} is already the champion", cand_v, champ_v)
+    elif math.isnan(float(champ.tags.get(GATE_VALUE_TAG, "nan"))):
+        # An imported (or never evaluated) champion promoted by hand has nothing to compare.
+        ok, why = True, f"champion v{champ.version} has no gate value; {metric} = {value:.6g}"
     elif champ.tags.get(GATE_METRIC_TAG) != metric:
         ok, why = False, (f"champion v{champ.version} is gated on {champ.tags.get(GATE_METRIC_TAG)!r}, candidate on "
                           f"{metric!r}: not comparable; promote by hand (pipelines/promote.py) if intended")

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lafma.config import config_hash
+from lafma.config import config_hash, to_dict
 from pipelines.config import PipelineConfig
 from pipelines.core import storage
 
@@ -84,9 +84,26 @@ class Stage:
         return []
 
 
+# Config fields added after stages were first cached, at the value that keeps the old behaviour:
+# a stage's hash leaves them out at that value, so upgrading does not invalidate finished stages
+# (a VAE trained for hours keeps its directory); set to anything else, they are hashed.
+ADDED_AT_DEFAULT: dict[str, Any] = {"init_from": "", "pretrained": "", "mid_attention": True,
+                                    "upsample_padding": "exact", "num_heads": 0, "grid": "uniform",
+                                    "null_caption": "masked", "peak": 0.95}
+
+
+def _stable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items()
+                if not (k in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[k])}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
 def digest(obj: Any) -> str:
-    """Short stable hash of configs, dicts and lists of them."""
-    return config_hash(obj)
+    """Short stable hash of configs, dicts and lists of them (see :data:`ADDED_AT_DEFAULT`)."""
+    return config_hash(_stable(to_dict(obj)))
 
 
 def read_marker(out_dir: str) -> dict | None:

@@ -91,7 +91,8 @@ def lfm_job(inputs: JobInputs) -> Job:
         with torch.no_grad():
             sol = sample_latents(ema.model, noise, kept["ctx"].to(device), kept["mask"].to(device),
                                  guidance=s.guidance, null_condition=(null_ctx, null_mask), solver=s.solver,
-                                 steps=s.steps, rtol=s.rtol, atol=s.atol)
+                                 steps=s.steps, rtol=s.rtol, atol=s.atol,
+                                 grid=s.grid if s.solver == "euler" else "uniform")
         rmse = (sol.x.float().cpu() - latent * scale).pow(2).mean().sqrt()
         logger.log_metrics({"sample/latent_rmse": float(rmse)}, step=i)
         if decoder is not None:

@@ -11,7 +11,6 @@ other mels or whose tensors do not fit.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lafma.bundle import MANIFEST, check_bundle, file_sha256
+from lafma.bundle import MANIFEST, check_bundle, tree_sha256
 from lafma.config import ConfigError, from_dict, to_dict
 from lafma.convert.checkpoint import CheckpointError
 from lafma.models import build_unet, build_vae, build_vocoder
@@ -85,64 +84,71 @@ def _bundle_dir(uri: str, root: str, tmp: str) -> str | None:
     return mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{inner}", dst_path=tmp)
 
 
-def _published(component: str, path: str) -> Source:
-    from lafma.importer import RELEASED
-
+def _published(component: str, path: str, num_heads: int) -> Source:
     if component == "unet":
         from lafma.convert.unet import convert_unet
 
-        c = convert_unet(path)
-        config = {"unet": c.config, "flow": RELEASED["flow"], "vae": {"scale_factor": 1.0}}
-        return Source(c.state_dict, _sections(component, config), None, {}, file_sha256(path), c.source)
+        c = convert_unet(path, **({"num_heads": num_heads} if num_heads else {}))
+        # The shapes give the architecture; the objective (sigma_min, time_scale) stays the
+        # config's (its defaults are the released ones). The released LFM decodes unscaled latents.
+        config = {"unet": c.config, **({"vae": {"scale_factor": 1.0}} if c.source == "lafma-released" else {})}
+        return Source(c.state_dict, _sections(component, config), None, {}, tree_sha256(path), c.source)
     if component == "vae":
         from lafma.convert.vae import convert_vae
 
         c = convert_vae(path)
         config = {"vae": {**c.config, "mel_mean": 0.0, "mel_std": 1.0}}
-        return Source(c.state_dict, _sections(component, config), None, {}, _path_sha256(path), c.source)
+        return Source(c.state_dict, _sections(component, config), None, {}, tree_sha256(path), c.source)
     from lafma.convert.vocoder import convert_vocoder
 
     c = convert_vocoder(path)
-    return Source(c.state_dict, _sections(component, {"vocoder": c.config}), None, dict(c.mel), _path_sha256(path),
+    return Source(c.state_dict, _sections(component, {"vocoder": c.config}), None, dict(c.mel), tree_sha256(path),
                   c.source)
 
 
-def _path_sha256(path: str) -> str:
-    """A file's SHA-256, or for a directory (a diffusers component) that of its files' digests."""
-    if os.path.isfile(path):
-        return file_sha256(path)
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        if os.path.isfile(os.path.join(path, name)):
-            h.update(f"{name}:{file_sha256(os.path.join(path, name))}\n".encode())
-    return h.hexdigest()
+def _stamp(uri: str) -> tuple:
+    """What changes when a local source changes: every file's path, size and mtime."""
+    if uri.startswith(("models:/", "runs:/")):
+        return ()
+    if os.path.isfile(uri):
+        st = os.stat(uri)
+        return ((uri, st.st_size, st.st_mtime_ns),)
+    return tuple((os.path.join(d, f), os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+                 for d, _, files in sorted(os.walk(uri)) for f in sorted(files))
 
 
-@functools.lru_cache(maxsize=8)
-def _read(component: str, uri: str, root: str, stamp: float) -> Source:
+# One entry per component a run can name (an LFM state dict at paper size is 1.1 GB).
+@functools.lru_cache(maxsize=3)
+def _read(component: str, uri: str, root: str, stamp: tuple, num_heads: int) -> Source:
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory(prefix="lafma-source-") as tmp:
         bundle = _bundle_dir(uri, root, tmp)
         if bundle is None:
-            return _published(component, uri)
+            return _published(component, uri, num_heads)
         manifest = check_bundle(bundle)
         entry = manifest["components"][component]
         sd = load_file(os.path.join(bundle, entry["file"]))
         return Source(sd, _sections(component, entry["config"]), entry["mel_hash"], {}, entry["sha256"], "bundle")
 
 
-def read_source(component: str, uri: str, *, root: str, key: str) -> Source:
+def read_source(component: str, uri: str, *, root: str, key: str, num_heads: int = 0) -> Source:
     """The weights of ``component`` (``unet``, ``vae`` or ``vocoder``) at ``uri``.
+
+    Args:
+        num_heads: a published LFM's head split (not in its shapes); 0: the released 32.
 
     Raises:
         ConfigError: naming ``key``, when ``uri`` cannot be read or is not such weights.
     """
+    from lafma.convert.unet import RELEASED_NUM_HEADS
+
+    num_heads = (num_heads or RELEASED_NUM_HEADS) if component == "unet" else 0  # one cache entry per source
     local = not uri.startswith(("models:/", "runs:/"))
     if local and not os.path.exists(uri):
         raise ConfigError(key, f"{uri}: no such file or directory")
     try:
-        return _read(component, uri, root, os.path.getmtime(uri) if local else 0.0)
+        return _read(component, uri, root, _stamp(uri), num_heads)
     except (CheckpointError, KeyError, OSError, ValueError) as e:
         raise ConfigError(key, f"cannot use {uri} as the {component}: {e}") from None
 
@@ -170,7 +176,7 @@ def resolve_sources(cfg: PipelineConfig, root: str) -> tuple[PipelineConfig, dic
     data = to_dict(cfg)
     sources = {}
     for key, uri in named.items():
-        src = read_source(KEYS[key], uri, root=root, key=key)
+        src = read_source(KEYS[key], uri, root=root, key=key, num_heads=cfg.unet.num_heads)
         for section, fields in src.sections.items():
             data[section] = {**data[section], **fields}
         sources[key] = (src, {"uri": uri, "sha256": src.sha256, "format": src.format})
@@ -178,6 +184,11 @@ def resolve_sources(cfg: PipelineConfig, root: str) -> tuple[PipelineConfig, dic
     resolved.validate()
     for key, (src, _) in sources.items():
         _check_fits(resolved, key, src)
+    if "train_lfm.init_from" in sources and resolved.text.dim != resolved.context_dim:
+        # Found now, not after the text stage has encoded every caption.
+        raise ConfigError("text.name_or_path", f"train_lfm.init_from's LFM cross-attends to {resolved.context_dim}-d "
+                                               f"text; {resolved.text.name_or_path} gives {resolved.text.dim}-d: use "
+                                               "the encoder it was trained with")
     return resolved, {k: info for k, (_, info) in sources.items()}
 
 
@@ -204,5 +215,5 @@ def _check_fits(cfg: PipelineConfig, key: str, src: Source) -> None:
 
 def source_weights(cfg: PipelineConfig, key: str, root: str) -> dict[str, torch.Tensor]:
     """The state dict a resolved ``key`` names (read once per process: cached)."""
-    return read_source(KEYS[key], _get(cfg, key), root=root, key=key).state_dict
+    return read_source(KEYS[key], _get(cfg, key), root=root, key=key, num_heads=cfg.unet.num_heads).state_dict
 

@@ -198,3 +198,45 @@ def test_every_job_starts_from_its_init_weights(job, imported_bundle, tmp_path):
     fresh = spec.build(JobInputs(cfg, shard=None, device=torch.device("cpu"), bf16=False,
                                  extra={"null_emb": [0.0] * 32}, engine=PlainEngine)).final_weights()
     assert any(not torch.equal(fresh[k].float(), v) for k, v in weights.items())
+
+
+def test_a_champion_without_a_gate_value_is_beaten_by_an_evaluated_candidate(imported_bundle, tmp_path):
+    root = str(tmp_path / "store")
+    tracking.configure(root)
+    imported = registry.register_imported(str(imported_bundle), root=root, sources={})
+    registry.promote(imported.version, root=root, reason="listening test", by="test")
+    run_id = tracking.start_run(root=root, experiment="t", run_name="pkg")
+    trained = registry.register(str(imported_bundle), root=root, run_id=run_id, gate_metric="fd/aisfx-0.1.2",
+                                gate_value=12.5)
+    decision = registry.gate(root=root)
+    assert decision.promoted and decision.champion == imported.version and "no gate value" in decision.reason
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    assert str(client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION).version) == trained.version
+
+
+def test_a_truncated_or_foreign_file_is_not_called_unsafe(tmp_path):
+    from lafma.convert.checkpoint import CheckpointError, load_checkpoint
+
+    html = tmp_path / "lafma.ckpt"
+    html.write_bytes(b"<html><body>404 Not Found</body></html>")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint") as err:
+        load_checkpoint(str(html))
+    assert "arbitrary pickle" not in str(err.value)
+    torch.save({"model": {"w": torch.zeros(3)}}, good := tmp_path / "good.ckpt")
+    (cut := tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(str(cut))
+    (bad := tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(str(bad))
+
+
+def test_new_config_fields_at_their_defaults_leave_stage_hashes_unchanged():
+    from pipelines.core.stage import digest
+
+    old = {"vae": {"ch": 32}, "train_vae": {"steps": 5}, "sampler": {"steps": 4}}
+    new = {"vae": {"ch": 32, "mid_attention": True, "pretrained": ""}, "train_vae": {"steps": 5, "init_from": ""},
+           "sampler": {"steps": 4, "grid": "uniform", "null_caption": "masked", "peak": 0.95}}
+    assert digest(old) == digest(new)
+    assert digest(old) != digest({**new, "vae": {"ch": 32, "mid_attention": False}})
+    assert digest(old) != digest({**new, "sampler": {"steps": 4, "grid": "released"}})
