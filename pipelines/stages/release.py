@@ -91,7 +91,8 @@ class PackageStage(Stage):
                        **{f"{job.stage}_run": ctx.run_ids.get(job.stage, "") for job in JOBS.values()},
                        # Weights from elsewhere (vae.pretrained, train_lfm.init_from, ...): what and which.
                        **{f"{key}{suffix}": src[field] for key, src in ctx.sources.items()
-                          for suffix, field in (("", "uri"), (".sha256", "sha256"), (".format", "format"))}}
+                          for suffix, field in (("", "uri"), (".sha256", "sha256"), (".format", "format"),
+                                                (".origin", "origin")) if field in src}}
             bundle = os.path.join(tmp, "bundle")
             manifest = write_bundle(bundle, components=components, weights=weights, lineage=lineage)
             pipe = load_bundle(bundle)  # proves the bundle loads before anyone can promote it

@@ -91,6 +91,14 @@ class _TrainStage(Stage):
         return {"imported": True, "source": source, "steps": 0,
                 "weights": storage.join(out_dir, self.job.weights_file)}
 
+    def summary(self, info: dict) -> list[str]:
+        if info.get("imported"):
+            src = info["source"]
+            return [f"imported, not trained: {src['uri']} ({src['format']}, sha256 {src['sha256'][:12]})"]
+        if info.get("init_only"):
+            return ["init_from exported as it is (steps 0)"]
+        return []
+
     def train(self, ctx: StageContext, out_dir: str, cfg: PipelineConfig | None = None, extra: dict | None = None,
               data_dir: str | None = None) -> dict:
         """Run the job; with ``init_from``, its starting weights are written beside the output first."""

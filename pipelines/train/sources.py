@@ -53,6 +53,8 @@ class Source:
         mel: mel fields the source declares (a published vocoder's JSON).
         sha256: identifies the weights (a bundle's recorded digest, or the file's).
         format: what the source was ("bundle", "lafma-released", "hifigan", ...).
+        origin: for a bundle made by ``lafma import``, the published file it came from and
+            its SHA-256 ("" otherwise).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -61,6 +63,7 @@ class Source:
     mel: dict
     sha256: str
     format: str
+    origin: str = ""
 
 
 def _sections(component: str, config: Mapping) -> dict:
@@ -129,7 +132,10 @@ def _read(component: str, uri: str, root: str, stamp: tuple, num_heads: int) -> 
         manifest = check_bundle(bundle)
         entry = manifest["components"][component]
         sd = load_file(os.path.join(bundle, entry["file"]))
-        return Source(sd, _sections(component, entry["config"]), entry["mel_hash"], {}, entry["sha256"], "bundle")
+        published = manifest.get("lineage", {}).get("sources", {}).get("lfm" if component == "unet" else component)
+        origin = ", ".join(f"{f} sha256:{h}" for f, h in published["sha256"].items()) if published else ""
+        return Source(sd, _sections(component, entry["config"]), entry["mel_hash"], {}, entry["sha256"], "bundle",
+                      origin)
 
 
 def read_source(component: str, uri: str, *, root: str, key: str, num_heads: int = 0) -> Source:
@@ -179,7 +185,8 @@ def resolve_sources(cfg: PipelineConfig, root: str) -> tuple[PipelineConfig, dic
         src = read_source(KEYS[key], uri, root=root, key=key, num_heads=cfg.unet.num_heads)
         for section, fields in src.sections.items():
             data[section] = {**data[section], **fields}
-        sources[key] = (src, {"uri": uri, "sha256": src.sha256, "format": src.format})
+        sources[key] = (src, {"uri": uri, "sha256": src.sha256, "format": src.format,
+                              **({"origin": src.origin} if src.origin else {})})
     resolved = from_dict(PipelineConfig, data)
     resolved.validate()
     for key, (src, _) in sources.items():

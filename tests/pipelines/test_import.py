@@ -163,6 +163,8 @@ def test_dag_with_imported_vae_and_vocoder_fine_tunes_only_the_lfm(imported_bund
     assert version.tags["lafma.vae.pretrained"] == str(imported_bundle)
     assert version.tags["lafma.train_lfm.init_from.sha256"] == file_sha256(str(imported_bundle / "unet.safetensors"))
     assert version.tags["lafma.vocoder.pretrained.format"] == "bundle"
+    # ...and, through the imported bundle, the published file it came from.
+    assert version.tags["lafma.train_lfm.init_from.origin"].startswith("lafma.ckpt sha256:")
 
     # Zero steps: the imported LFM as it is, packaged and registered (what evaluating it needs).
     reports = {r.name: r for r in run_dag(load_pipeline_config(CONFIG, [*base, "train_lfm.steps=0"]), STAGES,
