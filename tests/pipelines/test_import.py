@@ -242,3 +242,23 @@ def test_new_config_fields_at_their_defaults_leave_stage_hashes_unchanged():
     assert digest(old) == digest(new)
     assert digest(old) != digest({**new, "vae": {"ch": 32, "mid_attention": False}})
     assert digest(old) != digest({**new, "sampler": {"steps": 4, "grid": "released"}})
+
+
+def test_a_registered_model_is_a_source_too(published, tmp_path):
+    """train_lfm.init_from=models:/lafma/<v>: the version's bundle is downloaded and read."""
+    from safetensors.torch import load_file
+
+    from pipelines.config import load_pipeline_config
+    from pipelines.train.sources import resolve_sources, source_weights
+
+    files, _ = published
+    root = tmp_path / "store"
+    assert run_import(files, tmp_path / "bundle", root, "--register") == 0
+    cfg = load_pipeline_config(CONFIG, [f"storage.root={root}", "train_lfm.init_from=models:/lafma/1"])
+    resolved, sources = resolve_sources(cfg, str(root))
+    assert sources["train_lfm.init_from"]["sha256"] == file_sha256(str(tmp_path / "bundle" / "unet.safetensors"))
+    assert sources["train_lfm.init_from"]["origin"].startswith("lafma.ckpt sha256:")
+    assert resolved.unet.extra_attention and resolved.unet.num_heads == 32 and not cfg.unet.extra_attention
+    want = load_file(str(tmp_path / "bundle" / "unet.safetensors"))
+    got = source_weights(resolved, "train_lfm.init_from", str(root))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
