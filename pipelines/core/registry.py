@@ -247,20 +247,31 @@ def rollback(*, root: str, reason: str, by: str | None = None) -> str:
     return str(prev)
 
 
+def _bundle_artifact(uri: str, *, root: str) -> str:
+    """Where the bundle lies inside the logged model ``uri`` (e.g. ``<uri>/artifacts/bundle``),
+    read from its ``MLmodel`` file alone."""
+    from mlflow.models import Model
+
+    tracking.configure(root)
+    return f"{uri.rstrip('/')}/" + Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]
+
+
+def download_bundle(uri: str, *, root: str, dst: str) -> str:
+    """The bundle of the logged model ``uri`` (``models:/…``, ``runs:/…``) as a directory under ``dst``."""
+    return mlflow.artifacts.download_artifacts(artifact_uri=_bundle_artifact(uri, root=root), dst_path=dst)
+
+
 def bundle_manifest(uri: str, *, root: str) -> dict:
     """The bundle manifest (``lafma.json``) of a logged model (``models:/…``, ``runs:/…`` or a
     downloaded pyfunc directory) without loading it: only the model's ``MLmodel`` file (where
     the bundle lies inside the model) and that one file are downloaded."""
-    from mlflow.models import Model
-
     from lafma.bundle import MANIFEST, read_bundle_manifest
 
     if os.path.isfile(os.path.join(uri, MANIFEST)):  # a bare bundle directory: read in place
         return read_bundle_manifest(uri)
-    tracking.configure(root)
-    bundle = Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]  # e.g. artifacts/bundle
+    bundle = _bundle_artifact(uri, root=root)
     with tempfile.TemporaryDirectory(prefix="lafma-manifest-") as tmp:
-        file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{bundle}/{MANIFEST}", dst_path=tmp)
+        file = mlflow.artifacts.download_artifacts(artifact_uri=f"{bundle}/{MANIFEST}", dst_path=tmp)
         return read_bundle_manifest(os.path.dirname(file))
 
 

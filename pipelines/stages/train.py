@@ -37,11 +37,14 @@ OPERATIONAL = ("steps", "log_every", "sample_every", "checkpoint_every", "max_fa
                "cpus_per_worker")
 
 
-def _model_section(cfg: PipelineConfig, *names: str) -> dict:
+def _model_section(ctx: StageContext, *names: str) -> dict:
+    """The named config sections as a stage key; a training section without its operational
+    fields and with ``init_from`` hashed by the weights it names (:func:`_init_key`)."""
     out = {}
     for n in names:
-        value = getattr(cfg, n)
-        out[n] = {k: v for k, v in to_dict(value).items() if k not in OPERATIONAL} if n.startswith("train_") else value
+        value = getattr(ctx.cfg, n)
+        out[n] = ({**{k: v for k, v in to_dict(value).items() if k not in OPERATIONAL}, **_init_key(ctx, n)}
+                  if n.startswith("train_") else value)
     return out
 
 
@@ -141,10 +144,7 @@ class TrainVAEStage(_TrainStage):
         vae = {k: v for k, v in to_dict(ctx.cfg.vae).items() if k not in ("scale_factor", "pretrained")}
         if (imported := self.imported_key(ctx)) is not None:
             return {**imported, "vae": vae}
-        key = {"audio": ctx.hashes["audio"], **_model_section(ctx.cfg, "mel", "vae", "vae_loss", self.job.section)}
-        key["vae"] = vae
-        key[self.job.section] = {**key[self.job.section], **_init_key(ctx, self.job.section)}
-        return key
+        return {"audio": ctx.hashes["audio"], **_model_section(ctx, "mel", "vae_loss", self.job.section), "vae": vae}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         if self.pretrained_key in ctx.sources:
@@ -168,10 +168,7 @@ class TrainVocoderStage(_TrainStage):
     def key(self, ctx: StageContext) -> dict:
         if (imported := self.imported_key(ctx)) is not None:
             return {**imported, "vocoder": {k: v for k, v in to_dict(ctx.cfg.vocoder).items() if k != "pretrained"}}
-        key = {"audio": ctx.hashes["audio"],
-               **_model_section(ctx.cfg, "mel", "vocoder", "vocoder_loss", self.job.section)}
-        key[self.job.section] = {**key[self.job.section], **_init_key(ctx, self.job.section)}
-        return key
+        return {"audio": ctx.hashes["audio"], **_model_section(ctx, "mel", "vocoder", "vocoder_loss", self.job.section)}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         if self.pretrained_key in ctx.sources:
@@ -313,10 +310,8 @@ class TrainLFMStage(_TrainStage):
     def key(self, ctx: StageContext) -> dict:
         # Not the sampler (inference settings) nor the vocoder (it only renders sample audio):
         # changing them must not restart training.
-        key = {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
-               **_model_section(ctx.cfg, "unet", "flow", self.job.section), "scale_factor": ctx.cfg.vae.scale_factor}
-        key[self.job.section] = {**key[self.job.section], **_init_key(ctx, self.job.section)}
-        return key
+        return {**{n: ctx.hashes[n] for n in ("latents", "text", "train_vae")},
+                **_model_section(ctx, "unet", "flow", self.job.section), "scale_factor": ctx.cfg.vae.scale_factor}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         from pipelines.core.stage import read_marker

@@ -77,21 +77,16 @@ def _bundle_dir(uri: str, root: str, tmp: str) -> str | None:
         return uri
     if not uri.startswith(("models:/", "runs:/")):
         return None
-    import mlflow
-    from mlflow.models import Model
+    from pipelines.core.registry import download_bundle
 
-    from pipelines.core import tracking
-
-    tracking.configure(root)
-    inner = Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]
-    return mlflow.artifacts.download_artifacts(artifact_uri=f"{uri.rstrip('/')}/{inner}", dst_path=tmp)
+    return download_bundle(uri, root=root, dst=tmp)
 
 
 def _published(component: str, path: str, num_heads: int) -> Source:
     if component == "unet":
         from lafma.convert.unet import convert_unet
 
-        c = convert_unet(path, **({"num_heads": num_heads} if num_heads else {}))
+        c = convert_unet(path, num_heads=num_heads)
         # The shapes give the architecture; the objective (sigma_min, time_scale) stays the
         # config's (its defaults are the released ones). The released LFM decodes unscaled latents.
         config = {"unet": c.config, **({"vae": {"scale_factor": 1.0}} if c.source == "lafma-released" else {})}
@@ -113,11 +108,8 @@ def _stamp(uri: str) -> tuple:
     """What changes when a local source changes: every file's path, size and mtime."""
     if uri.startswith(("models:/", "runs:/")):
         return ()
-    if os.path.isfile(uri):
-        st = os.stat(uri)
-        return ((uri, st.st_size, st.st_mtime_ns),)
-    return tuple((os.path.join(d, f), os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
-                 for d, _, files in sorted(os.walk(uri)) for f in sorted(files))
+    files = [uri] if os.path.isfile(uri) else [os.path.join(d, f) for d, _, fs in sorted(os.walk(uri)) for f in sorted(fs)]
+    return tuple((f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files)
 
 
 # One entry per component a run can name (an LFM state dict at paper size is 1.1 GB).
