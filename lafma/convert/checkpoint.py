@@ -28,7 +28,8 @@ def load_checkpoint(path: str) -> dict:
             (code) to load.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
+        # A directory, FIFO or device is refused before any read: nothing here can block on it.
+        raise CheckpointError(f"{path}: not a regular file" if os.path.exists(path) else f"{path}: no such file")
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file

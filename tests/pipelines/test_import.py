@@ -3,6 +3,7 @@ SHA-256, is not promoted without a gate value, and generates through the batch j
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -228,6 +229,9 @@ def test_a_truncated_or_foreign_file_is_not_called_unsafe(tmp_path):
     (cut := tmp_path / "cut.ckpt").write_bytes(good.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(str(cut))
+    os.mkfifo(fifo := tmp_path / "fifo.ckpt")  # opening it for reading would block forever
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(str(fifo))
     (bad := tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(str(bad))
