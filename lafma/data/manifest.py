@@ -1,14 +1,29 @@
-"""Manifests: CSV / JSONL / Parquet tables of (audio, caption) → clean rows plus rejects.
+"""Manifests: what a data set holds, read into clean rows (id, audio_uri, caption(s), split) plus rejects.
 
-Three layouts are read as they are published:
+A manifest is a file or a directory, local or remote (``s3://…``, through fsspec).
 
-* generic: ``audio`` (path or URI) and ``caption``, optional ``id`` and ``split``;
-* AudioCaps: ``audiocap_id, youtube_id, start_time, caption``;
-* Clotho: ``file_name, caption_1 … caption_5`` (one row per file, all captions kept).
+Files (CSV / JSONL / Parquet) are read in three layouts, as they are published:
+
+* ``generic``: ``audio`` (path or URI) and ``caption``, optional ``id`` and ``split``;
+* ``audiocaps``: ``audiocap_id, youtube_id, start_time, caption``;
+* ``clotho``: ``file_name, caption_1 … caption_5`` (one row per file, all captions kept).
+
+Directories are read by :mod:`lafma.data.folders` in two layouts:
+
+* ``audiofolder``: Hugging Face's, a ``metadata.csv`` / ``metadata.jsonl`` whose ``file_name``
+  names the audio beside it;
+* ``textfiles``: audio files each with a same-named ``.txt`` of captions (``dog.wav``, ``dog.txt``).
+
+A row's split comes from its ``split`` column, else its split sub-folder (``train/``, ``val/``…,
+directories only), else the manifest's file name (``clotho_captions_evaluation.csv`` → test).
+When none of them names one the split is ``""``: unknown, not a guessed "train", so that a later
+stage can hold rows out on purpose. ``Manifest.split_source`` says which of them gave the splits.
 
 Every row that cannot be used becomes a reject with a reason; every other row comes out. A
 caption that is not valid UTF-8 rejects its row, not the file: CSV and JSONL are decoded
 with ``surrogateescape`` so the bad bytes are found per field.
+
+:func:`manifest_digest` is what a re-run compares to know whether the data changed.
 """
 
 from __future__ import annotations
@@ -26,21 +41,36 @@ from typing import Any
 import fsspec
 
 SPLITS = ("train", "validation", "test")
+FILE_LAYOUTS = ("generic", "audiocaps", "clotho")
+FOLDER_LAYOUTS = ("audiofolder", "textfiles")
+# Values of Manifest.split_source; "mixed" when rows got their splits from different places.
+SPLIT_SOURCES = ("column", "folders", "file name", "none", "mixed")
 # Columns with a meaning; any other column is kept as an attribute of the clip.
 _KNOWN = {"id", "audio", "caption", "split", "audiocap_id", "youtube_id", "start_time", "file_name",
           *(f"caption_{i}" for i in range(1, 6))}
-_SPLIT_ALIASES = {"train": "train", "training": "train", "development": "train", "dev": "train",
+# Clotho calls its training split "development"; "dev" is a validation split nearly everywhere
+# else (LibriSpeech's dev-clean, Hugging Face's audio data sets).
+_SPLIT_ALIASES = {"train": "train", "training": "train", "development": "train", "dev": "validation",
                   "val": "validation", "valid": "validation", "validation": "validation",
-                  "test": "test", "eval": "test", "evaluation": "test"}
+                  "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
 
 
 @dataclass
 class Manifest:
-    """Parsed manifest: ``rows`` (id, audio_uri, caption, captions, split) and ``rejects``."""
+    """Parsed manifest.
+
+    Attributes:
+        rows: dicts of ``id, audio_uri, caption, captions, split, attributes`` (JSON text);
+            ``split`` is one of :data:`SPLITS` or ``""`` (unknown).
+        rejects: dicts of ``id, audio_uri, reason, detail``.
+        layout: one of :data:`FILE_LAYOUTS` or :data:`FOLDER_LAYOUTS`.
+        split_source: where the rows' splits came from, one of :data:`SPLIT_SOURCES`.
+    """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     layout: str = "generic"
+    split_source: str = "none"
 
 
 def stable_id(*parts: str) -> str:
@@ -94,19 +124,27 @@ def clean_caption(text: Any, max_chars: int) -> tuple[str | None, str | None]:
     return text, None
 
 
+def split_alias(value: Any) -> str:
+    """The split a ``split`` cell names (``"val"`` → ``"validation"``), or ``""``."""
+    return _SPLIT_ALIASES.get(str(value or "").strip().lower(), "")
+
+
+def pick_split(*candidates: tuple[str, str]) -> tuple[str, str]:
+    """The first ``(split, source)`` whose split is known, else ``("", "none")``."""
+    return next((c for c in candidates if c[0]), ("", "none"))
+
+
 def _split_from_name(uri: str) -> str:
     stem = posixpath.basename(uri).lower()
     for token in re.split(r"[^a-z]+", stem):
         if token in _SPLIT_ALIASES:
             return _SPLIT_ALIASES[token]
-    return "train"
+    return ""
 
 
-def read_records(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Raw records of a CSV / JSONL / Parquet file, and rows that could not even be parsed."""
-    with fsspec.open(uri, "rb") as f:
-        data = f.read()
-    lower = uri.lower()
+def parse_records(data: bytes, name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Raw records of CSV / JSONL / Parquet bytes (format from ``name``), and unparsable rows."""
+    lower = name.lower()
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -129,7 +167,69 @@ def read_records(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return list(csv.DictReader(io.StringIO(text))), []
 
 
+def read_records(uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Raw records of a CSV / JSONL / Parquet file, and rows that could not even be parsed."""
+    with fsspec.open(uri, "rb") as f:
+        data = f.read()
+    return parse_records(data, uri)
+
+
+def surplus_fields(rec: dict[str, Any], rid: str) -> dict[str, Any] | None:
+    """The reject of a CSV row with more fields than its header, else None."""
+    if None not in rec:  # csv.DictReader puts a row's surplus fields (an unquoted comma) under None
+        return None
+    return {"id": rid, "audio_uri": "", "reason": "bad_manifest_row",
+            "detail": f"{len(rec) - 1 + len(rec[None])} fields, header has {len(rec) - 1}"}
+
+
+class ManifestBuilder:
+    """Collects rows and rejects with the checks every layout shares, and where splits came from."""
+
+    def __init__(self, layout: str, max_caption_chars: int, rejects: Iterable[dict[str, Any]] = ()):
+        self.manifest = Manifest(rejects=list(rejects), layout=layout)
+        self.max_caption_chars = max_caption_chars
+        self._seen: set[str] = set()
+        self._sources: set[str] = set()
+
+    def reject(self, rid: str, audio_uri: str, reason: str, detail: str = "") -> None:
+        self.manifest.rejects.append({"id": rid, "audio_uri": audio_uri, "reason": reason, "detail": detail})
+
+    def add(self, *, rid: str, audio: str, audio_uri: str, captions: list[Any], split: tuple[str, str],
+            attributes: dict[str, Any]) -> None:
+        """Add one row, or its reject.
+
+        Args:
+            rid: the row's id.
+            audio: its audio path as the manifest writes it ("" when it names none).
+            audio_uri: where that audio is.
+            captions: raw caption cells; the row keeps those :func:`clean_caption` accepts.
+            split: ``(split, source)`` from :func:`pick_split`.
+            attributes: other columns; empty cells are dropped.
+        """
+        if not _valid_utf8(rid) or not _valid_utf8(audio):
+            return self.reject(stable_id(rid), audio_uri, "bad_manifest_row", "id or path is not valid UTF-8")
+        if not audio:
+            return self.reject(rid, audio_uri, "missing_audio_path")
+        cleaned = [clean_caption(c, self.max_caption_chars) for c in captions]
+        kept = [c for c, _ in cleaned if c is not None]
+        if not kept:
+            return self.reject(rid, audio_uri, cleaned[0][1] if cleaned else "missing_caption")
+        if rid in self._seen:
+            return self.reject(rid, audio_uri, "duplicate_id", "first occurrence kept")
+        self._seen.add(rid)
+        self._sources.add(split[1])
+        extra = {k: v for k, v in attributes.items() if v not in (None, "") and v == v}  # v != v: NaN
+        self.manifest.rows.append({"id": rid, "audio_uri": audio_uri, "caption": kept[0], "captions": kept,
+                                   "split": split[0], "attributes": json.dumps(extra, sort_keys=True, default=str)})
+
+    def build(self) -> Manifest:
+        sources = self._sources or {"none"}
+        self.manifest.split_source = sources.pop() if len(sources) == 1 else "mixed"
+        return self.manifest
+
+
 def detect_layout(columns: Iterable[str]) -> str:
+    """The file layout a table with these columns is in (see the module docstring)."""
     cols = set(columns)
     if {"youtube_id", "caption"} <= cols and ("audiocap_id" in cols or "start_time" in cols):
         return "audiocaps"
@@ -141,55 +241,98 @@ def detect_layout(columns: Iterable[str]) -> str:
                      "expected audio+caption, the AudioCaps CSV or the Clotho CSV")
 
 
+def _is_dir(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.isdir(path)
+
+
+# lafma.data.folders builds on this module's pieces, so it is imported where it is used.
+
+
+def layout_of(uri: str) -> str:
+    """The layout ``read_manifest(uri)`` reads: a directory's from its files, a file's from its columns.
+
+    Raises:
+        ValueError: a directory in neither folder layout, or a table in no file layout.
+    """
+    if _is_dir(uri):
+        from lafma.data.folders import folder_layout, list_folder
+
+        return folder_layout(list_folder(uri))
+    records, _ = read_records(uri)
+    return detect_layout(records[0].keys()) if records else "generic"
+
+
+def manifest_digest(uri: str) -> str:
+    """The sha256 hex of what a manifest is, for stage keys: a re-run with the same digest has the same data.
+
+    A file's digest is the sha256 of its bytes. A directory's covers the sorted relative paths
+    of its metadata, caption and audio files, with the bytes of each metadata and caption file
+    and the size of each audio file — not mtimes (a copy keeps its digest), not audio bytes
+    (reading a whole corpus to hash it would cost as much as ingesting it).
+    """
+    if _is_dir(uri):
+        from lafma.data.folders import folder_digest
+
+        return folder_digest(uri)
+    h = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_manifest(uri: str, *, layout: str = "auto", audio_dir: str = "",
                   audiocaps_pattern: str = "{youtube_id}.wav", max_caption_chars: int = 512) -> Manifest:
-    """Read a manifest into clean rows and rejects (see the module docstring)."""
+    """Read a manifest file or directory into clean rows and rejects (see the module docstring).
+
+    Args:
+        uri: a CSV / JSONL / Parquet file, or a directory in a folder layout.
+        layout: ``"auto"``, one of :data:`FILE_LAYOUTS` (files) or :data:`FOLDER_LAYOUTS` (directories).
+        audio_dir: where a file's relative audio paths resolve (default: the file's directory);
+            a directory's audio is inside it, so it takes none.
+        audiocaps_pattern: an AudioCaps row's audio file name, from its columns.
+        max_caption_chars: longer captions are cut at a word.
+
+    Raises:
+        ValueError: a layout that does not fit ``uri``, or one that cannot be told.
+    """
+    if _is_dir(uri):
+        if layout not in ("auto", *FOLDER_LAYOUTS):
+            raise ValueError(f"{uri} is a directory; layout {layout!r} is for a manifest file: "
+                             f"use 'auto' or one of {FOLDER_LAYOUTS}, or point at the file")
+        if audio_dir:
+            raise ValueError(f"audio_dir does not apply to a directory manifest ({uri}): its audio is inside it")
+        from lafma.data.folders import read_folder
+
+        return read_folder(uri, layout=layout, max_caption_chars=max_caption_chars)
+    if layout in FOLDER_LAYOUTS:
+        raise ValueError(f"layout {layout!r} is for a directory, but {uri} is a file")
     records, rejects = read_records(uri)
     if layout == "auto":
         layout = detect_layout(records[0].keys()) if records else "generic"
     base = audio_dir or _parent(uri)
-    default_split = _split_from_name(uri)
-    out = Manifest(rejects=rejects, layout=layout)
-    seen: set[str] = set()
+    name_split = (_split_from_name(uri), "file name")
+    out = ManifestBuilder(layout, max_caption_chars, rejects)
     for n, rec in enumerate(records, 1):
-        if None in rec:  # csv.DictReader puts a row's surplus fields (an unquoted comma) under None
-            out.rejects.append({"id": f"row-{n}", "audio_uri": "", "reason": "bad_manifest_row",
-                                "detail": f"{len(rec) - 1 + len(rec[None])} fields, header has {len(rec) - 1}"})
+        if (bad := surplus_fields(rec, f"row-{n}")) is not None:
+            out.manifest.rejects.append(bad)
             continue
         if layout == "audiocaps":
             audio = audiocaps_pattern.format(**{k: str(v) for k, v in rec.items()})
             rid = str(rec.get("audiocap_id") or stable_id(audio, str(rec.get("caption"))))
-            raw_captions = [rec.get("caption")]
+            captions = [rec.get("caption")]
         elif layout == "clotho":
             audio = str(rec.get("file_name") or "")
             rid = stable_id("clotho", audio)
-            raw_captions = [rec[k] for k in sorted(rec) if k.startswith("caption_")]
+            captions = [rec[k] for k in sorted(rec) if k.startswith("caption_")]
         else:
             audio = rec.get("audio")
             audio = "" if audio is None else str(audio)
-            raw_captions = [rec.get("caption")]
+            captions = [rec.get("caption")]
             rid = rec.get("id")
             rid = str(rid) if rid not in (None, "") else stable_id(audio, str(rec.get("caption")))
-        audio_uri = resolve(audio, base) if audio else ""
-        reject = {"id": rid, "audio_uri": audio_uri}
-        if not _valid_utf8(rid) or not _valid_utf8(audio):
-            out.rejects.append({**reject, "id": stable_id(rid), "reason": "bad_manifest_row",
-                                "detail": "id or path is not valid UTF-8"})
-            continue
-        if not audio:
-            out.rejects.append({**reject, "reason": "missing_audio_path", "detail": ""})
-            continue
-        cleaned = [clean_caption(c, max_caption_chars) for c in raw_captions]
-        captions = [c for c, _ in cleaned if c is not None]
-        if not captions:
-            out.rejects.append({**reject, "reason": cleaned[0][1], "detail": ""})
-            continue
-        if rid in seen:
-            out.rejects.append({**reject, "reason": "duplicate_id", "detail": "first occurrence kept"})
-            continue
-        seen.add(rid)
-        split = _SPLIT_ALIASES.get(str(rec.get("split") or "").strip().lower(), default_split)
-        extra = {k: v for k, v in rec.items() if k not in _KNOWN and v not in (None, "") and v == v}
-        out.rows.append({"id": rid, "audio_uri": audio_uri, "caption": captions[0], "captions": captions,
-                         "split": split, "attributes": json.dumps(extra, sort_keys=True, default=str)})
-    return out
+        out.add(rid=rid, audio=audio, audio_uri=resolve(audio, base) if audio else "", captions=captions,
+                split=pick_split((split_alias(rec.get("split")), "column"), name_split),
+                attributes={k: v for k, v in rec.items() if k not in _KNOWN})
+    return out.build()
