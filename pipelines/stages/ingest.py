@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
+import copy
+import functools
 import os
 import tempfile
 
 import pyarrow as pa
 
-from lafma.data.manifest import read_manifest
+from lafma.data.manifest import Manifest, manifest_digest, read_manifest
+from lafma.data.splits import HELD_OUT, SplitReport, assign_splits
+from pipelines.config import DataConfig
 from pipelines.core import storage
 from pipelines.core.stage import Stage, StageContext, rejects_table
 
@@ -48,6 +51,48 @@ def ensure_demo_corpus(ctx: StageContext) -> str:
     return manifest
 
 
+# Fewer held-out clips than this and evaluation cannot score (two halves of two clips for
+# real vs real); pipelines.stages.evaluate refuses, and the preflight says so before any stage.
+MIN_HELD_OUT = 4
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(uri: str, digest: str, d: DataConfig) -> Manifest:
+    """The manifest as read, once per content (``digest``): key() and run() both need it."""
+    return read_manifest(uri, layout=d.layout, audio_dir=d.audio_dir, audiocaps_pattern=d.audiocaps_pattern,
+                         max_caption_chars=d.max_caption_chars)
+
+
+def split_manifest(uri: str, d: DataConfig, digest: str | None = None) -> tuple[Manifest, SplitReport]:
+    """The manifest's rows with every row's split decided (:mod:`lafma.data.splits`). A local
+    manifest is read by its absolute path, so the audio paths it resolves work from any worker."""
+    uri = uri if "://" in uri else os.path.abspath(uri)
+    m = copy.deepcopy(_parsed(uri, digest or manifest_digest(uri), d))
+    if d.splits == "hash":
+        for r in m.rows:
+            r["split"] = ""
+    return m, assign_splits(m.rows, fraction=d.heldout_fraction, min_clips=d.heldout_min)
+
+
+def draws_splits(uri: str, d: DataConfig, digest: str) -> bool:
+    """Whether any split comes from the hash draw (then its settings are part of the key)."""
+    return d.splits == "hash" or any(not r["split"] for r in _parsed(uri, digest, d).rows)
+
+
+def held_out_problem(report: SplitReport, d: DataConfig) -> tuple[str, str] | None:
+    """(the key that fixes it, what is wrong) when the held-out splits are too small to
+    evaluate, else None."""
+    held = sum(report.counts[s] for s in HELD_OUT)
+    if held >= MIN_HELD_OUT:
+        return None
+    if report.drawn:
+        key, fix = "data.heldout_fraction", "raise data.heldout_fraction or data.heldout_min (or add clips)"
+    else:
+        key, fix = "data.splits", ("give test or validation rows in the manifest's split column, or set "
+                                   "data.splits=hash to draw them by a hash of each clip")
+    return key, f"{held} held-out clips (validation + test), and evaluation needs at least {MIN_HELD_OUT}: {fix}"
+
+
 class IngestStage(Stage):
     name = "ingest"
 
@@ -55,16 +100,20 @@ class IngestStage(Stage):
         d = ctx.cfg.data
         if not d.manifest:
             source = {"demo": os.path.basename(demo_dir(ctx))}
+            drawn = d.splits == "hash"
         else:
-            source = {"manifest": d.manifest, "sha256": hashlib.sha256(storage.read_bytes(d.manifest)).hexdigest()}
+            # A file hashes as its bytes (as it always has); a folder as its listing and captions.
+            source = {"manifest": d.manifest, "sha256": (digest := manifest_digest(d.manifest))}
+            drawn = draws_splits(d.manifest, d, digest)
+        if drawn:  # only then: a manifest that gives its splits keeps the key it had
+            source["heldout"] = {"splits": d.splits, "fraction": d.heldout_fraction, "min": d.heldout_min}
         return {**source, "layout": d.layout, "audio_dir": d.audio_dir, "pattern": d.audiocaps_pattern,
                 "max_caption_chars": d.max_caption_chars}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         d = ctx.cfg.data
         uri = d.manifest or ensure_demo_corpus(ctx)
-        m = read_manifest(uri, layout=d.layout, audio_dir=d.audio_dir, audiocaps_pattern=d.audiocaps_pattern,
-                          max_caption_chars=d.max_caption_chars)
+        m, report = split_manifest(uri, d)
         rows = {name: [r[name] for r in m.rows] for name in INGEST_SCHEMA.names}
         storage.write_parquet(storage.join(out_dir, "rejects", "ingest.parquet"), rejects_table(m.rejects))
         storage.write_parquet(storage.join(out_dir, "manifest.parquet"), pa.table(rows, schema=INGEST_SCHEMA))
@@ -75,4 +124,17 @@ class IngestStage(Stage):
         for r in m.rejects:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         return {"rows_in": len(m.rows) + len(m.rejects), "rows": len(m.rows), "rejected": len(m.rejects),
-                "reasons": dict(sorted(reasons.items())), "layout": m.layout, "manifest": uri, "splits": splits}
+                "reasons": dict(sorted(reasons.items())), "layout": m.layout, "manifest": uri, "splits": splits,
+                "clips_per_split": report.counts, "split_reason": report.reason,
+                "held_out_problem": (problem := held_out_problem(report, d)) and problem[1]}
+
+    def summary(self, info: dict) -> list[str]:
+        """Clips per split and where the splits came from; a warning when evaluation cannot run."""
+        counts = info.get("clips_per_split")
+        if not counts:
+            return []
+        lines = ["clips per split: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                 + f" ({info.get('split_reason', '')})"]
+        if info.get("held_out_problem"):
+            lines.append("warning: " + info["held_out_problem"])
+        return lines
