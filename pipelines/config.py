@@ -26,8 +26,8 @@ class DataConfig:
 
     dataset: str = ""
     manifest: str = ""
-    # Layout of the manifest: auto-detected from its columns unless given.
-    layout: Literal["auto", "generic", "audiocaps", "clotho"] = "auto"
+    # Layout of the manifest (a file) or of the folder it names: auto-detected unless given.
+    layout: Literal["auto", "generic", "audiocaps", "clotho", "audiofolder", "textfiles"] = "auto"
     # Where relative audio paths resolve (default: the manifest's directory).
     audio_dir: str = ""
     # AudioCaps rows name a YouTube clip; this is its file name under audio_dir.
@@ -45,6 +45,14 @@ class DataConfig:
     max_caption_chars: int = 512
     # Rows per output shard: the unit of resumption after a crash.
     shard_size: int = 64
+    # Clips the manifest gives no split get one by a hash of the clip (lafma.data.splits):
+    # this share each for validation and test, and at least heldout_min clips each (evaluation
+    # scores the held-out clips; the gate and generation read them).
+    heldout_fraction: float = 0.05
+    heldout_min: int = 8
+    # "manifest": a split column, split sub-folders or the manifest's file name decide where
+    # they exist; "hash": ignore them and draw validation and test by the hash for every clip.
+    splits: Literal["manifest", "hash"] = "manifest"
 
     def validate(self, prefix: str = "data") -> None:
         require(self.demo_clips >= 0, f"{prefix}.demo_clips", "must be >= 0")
@@ -53,6 +61,9 @@ class DataConfig:
         require(self.silence_db < 0, f"{prefix}.silence_db", "must be negative (dBFS)")
         require(self.max_caption_chars > 0, f"{prefix}.max_caption_chars", "must be positive")
         require(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")
+        require(0 <= self.heldout_fraction < 0.5, f"{prefix}.heldout_fraction",
+                "must be in [0, 0.5) (the share of clips for each of validation and test)")
+        require(self.heldout_min >= 0, f"{prefix}.heldout_min", "must be >= 0")
         require("/" not in self.dataset and ".." not in self.dataset, f"{prefix}.dataset",
                  "must be a plain name")
 
@@ -77,6 +88,10 @@ class ComputeConfig:
 
     # "" starts (or joins, under `ray job submit`) the local/default cluster.
     ray_address: str = ""
+    # The cluster adds nodes on demand (the cluster launcher, KubeRay with autoscaling): the
+    # preflight reports what each job will request instead of refusing what today's nodes
+    # cannot hold. On a fixed cluster such a request would wait forever, so it is refused.
+    autoscaling: bool = False
     # Audio tasks are CPU-bound and single-threaded: one per core beats two per core.
     audio_task_cpus: float = 1.0
     text_actors: int = 1
@@ -188,6 +203,11 @@ class TrainConfig:
     sample_every: int = 500
     # Frames of mel per training example (random crop); 0 = the whole clip.
     crop_frames: int = 0
+    # Clips shorter than audio.clip_seconds are zero-padded (the audio stage records their
+    # valid_samples). True: crops start inside the real audio and the losses count real frames
+    # only, so the model does not learn the padding as silence that belongs to the clip.
+    # False: the padded clips are trained on as they are (the behaviour before this switch).
+    mask_padding: bool = True
     # The discriminator's own learning rate (GAN jobs); 0 = lr.
     disc_lr: float = 0.0
     ema_decay: float = 0.9999

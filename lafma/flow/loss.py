@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -28,7 +29,8 @@ def sample_times(n: int, kind: str = "uniform", *, mean: float = 0.0, std: float
 
 def flow_matching_loss(velocity: Callable[..., Tensor], x1: Tensor, path: OTPath, *,
                        t: Tensor | None = None, x0: Tensor | None = None,
-                       generator: torch.Generator | None = None, **cond: Tensor) -> Tensor:
+                       generator: torch.Generator | None = None, reduction: Literal["mean", "none"] = "mean",
+                       **cond: Tensor) -> Tensor:
     """E_{t, x0} ‖u_θ(x_t, t, c) − (x1 − (1 − σ_min) x0)‖², averaged over elements.
 
     Args:
@@ -38,10 +40,12 @@ def flow_matching_loss(velocity: Callable[..., Tensor], x1: Tensor, path: OTPath
         t: optional times (B,); drawn from U[0, 1] when omitted.
         x0: optional noise like ``x1``; drawn from N(0, I) when omitted.
         generator: RNG for t and x0.
+        reduction: ``mean``, or ``none`` for the squared error of every element, (B, …), which a
+            caller averages its own way (e.g. over the latent frames of real audio only).
         **cond: conditioning passed through to ``velocity`` (e.g. ``context``, ``context_mask``).
 
     Returns:
-        Scalar loss.
+        Scalar loss, or (B, …) with ``reduction="none"``.
     """
     b = x1.shape[0]
     if t is None:
@@ -49,7 +53,8 @@ def flow_matching_loss(velocity: Callable[..., Tensor], x1: Tensor, path: OTPath
     if x0 is None:
         x0 = torch.randn(x1.shape, device=x1.device, dtype=x1.dtype, generator=generator)
     x_t, target = path.sample(x0, x1, t)
-    return torch.mean((velocity(x_t, t, **cond) - target) ** 2)
+    err = (velocity(x_t, t, **cond) - target) ** 2  # (B, …)
+    return err if reduction == "none" else torch.mean(err)
 
 
 # Seeds of the held-out noise: time bin k of the batch whose first item has offset ``start``

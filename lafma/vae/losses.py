@@ -5,6 +5,12 @@ Losses come back as dicts of unweighted terms (``"rec/nll"``, ``"kl"``, ``"adv/g
 :func:`lafma.train.losses.weighted_sum` of the two is what to backpropagate, as for the
 vocoder (descript-audio-codec's shape). The one lambda that changes per step is the
 adversarial one: LDM's adaptive weight times the GAN warm-start factor.
+
+Padding: a clip shorter than ``audio.clip_seconds`` is zero-padded, its mel the log floor
+there. Given a (B, T) frame ``mask`` (True on real frames), the reconstruction terms count the
+real frames only; the adversarial terms are kept off the padding by the caller, which hands
+the discriminator ``fill_padding(recon, mel, mask)`` (:func:`lafma.train.objectives.fill_padding`):
+equal to the input there, so neither network learns anything from it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lafma.config import VAELossConfig
+from lafma.train.objectives import masked_mean, masked_sum
 from lafma.vae.distributions import DiagonalGaussian
 
 
@@ -78,14 +85,21 @@ class VAELoss(nn.Module):
         factor = self.disc_factor_at(step)
         return {"rec/nll": 1.0, "kl": self.kl_weight, "adv/gen": adv_weight * factor, "adv/disc": factor}
 
-    def nll(self, mel: Tensor, recon: Tensor) -> Tensor:
+    def nll(self, mel: Tensor, recon: Tensor, mask: Tensor | None = None) -> Tensor:
         """Σ |x − x̂| / exp(s) + s over every element, averaged over the batch: a scalar.
+
+        With ``mask``, the sum runs over the real frames and is scaled by all frames / real
+        frames of the batch (:func:`~lafma.train.objectives.masked_sum`): the mean per real
+        element times the elements of a clip, the scale the unmasked loss has (and exactly it
+        when nothing is padded), so ``kl_weight`` and the adaptive GAN weight keep their meaning.
 
         Args:
             mel, recon: (B, n_mels, T).
+            mask: (B, T) bool, True on the frames of real audio; None: every frame.
         """
         rec = (mel - recon).abs()  # (B, n_mels, T)
-        return (rec / torch.exp(self.logvar) + self.logvar).sum() / rec.shape[0]
+        m = None if mask is None else mask[:, None, :]  # (B, T) -> (B, 1, T), over the mel bins
+        return masked_sum(rec / torch.exp(self.logvar) + self.logvar, m) / rec.shape[0]
 
     def adaptive_weight(self, nll: Tensor, g: Tensor, last_layer: Tensor | None) -> Tensor:
         """disc_weight · ‖∇ nll‖ / (‖∇ g‖ + 1e-4) at ``last_layer``, clamped to [0, 1e4], detached.
@@ -107,7 +121,8 @@ class VAELoss(nn.Module):
 
     def generator_losses(self, mel: Tensor, recon: Tensor, posterior: DiagonalGaussian,
                          logits_fake: Tensor | None, step: int,
-                         last_layer: Tensor | None = None, adv_weight: Tensor | None = None) -> dict[str, Tensor]:
+                         last_layer: Tensor | None = None, adv_weight: Tensor | None = None,
+                         mask: Tensor | None = None) -> dict[str, Tensor]:
         """Unweighted terms of the VAE (the generator) for one batch.
 
         Args:
@@ -120,12 +135,18 @@ class VAELoss(nn.Module):
             last_layer: the decoder's last weight (``MelVAE.get_last_layer()``).
             adv_weight: a precomputed adaptive weight, used instead of differentiating here
                 (a distributed engine may not allow a second backward through its graph).
+            mask: (B, T) bool, True on the frames of real audio: "rec/nll" and "rec/l1" count
+                only those. ``logits_fake`` should then be D on ``fill_padding(recon, mel, mask)``
+                (see the module's docstring). The KL stays over the whole latent: it never
+                involves the decoder, so it cannot teach it the padding, and pulling the
+                padded latent frames towards the prior at this tiny weight only keeps them
+                where the flow model's noise starts. None: every frame.
 
         Returns:
             Scalars "rec/nll", "kl" and "adv/gen" (weighted by :meth:`loss_weights`, which takes
             "adv/weight", the adaptive λ), and "rec/l1" and "logvar" (logged only).
         """
-        nll = self.nll(mel, recon)
+        nll = self.nll(mel, recon, mask)
         kl = posterior.kl().mean()
         if logits_fake is None:
             g = torch.zeros((), device=mel.device)
@@ -137,7 +158,8 @@ class VAELoss(nn.Module):
             else:  # skip the two extra backward passes while the GAN term is switched off
                 weight = self.adaptive_weight(nll, g, last_layer) if self.disc_factor_at(step) > 0 \
                     else torch.zeros_like(g)
-        return {"rec/l1": (mel - recon).abs().mean().detach(), "rec/nll": nll, "kl": kl, "adv/gen": g,
+        m = None if mask is None else mask[:, None, :]  # (B, T) -> (B, 1, T)
+        return {"rec/l1": masked_mean((mel - recon).abs(), m).detach(), "rec/nll": nll, "kl": kl, "adv/gen": g,
                 "adv/weight": weight, "logvar": self.logvar.detach()}
 
     def discriminator_losses(self, logits_real: Tensor, logits_fake: Tensor) -> dict[str, Tensor]:

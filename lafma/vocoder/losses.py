@@ -5,6 +5,14 @@ return them in a dict keyed like descript-audio-codec (``"mel/l1"``, ``"adv/gen"
 ``"adv/feat"``, ``"adv/disc"``) so they can be logged as-is, and
 :func:`lafma.train.losses.weighted_sum` (shared with the VAE) applies the lambdas that
 :func:`loss_weights` reads from :class:`HiFiGANLossConfig`.
+
+Padding: a clip shorter than ``audio.clip_seconds`` is zero-padded. Given each item's
+``valid_samples``, the generated waveform past them is replaced by the real one (zeros)
+before the discriminators and the mel see it (:func:`lafma.train.objectives.fill_padding`),
+so the padding is no target of any term and no gradient reaches it, and the mel L1 counts
+only the frames of real audio. A frame at the boundary reaches into the padding with its
+window: the real mel there was made from the zero-padded waveform too, so the filled fake is
+compared like with like.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lafma.config import HiFiGANLossConfig
+from lafma.train.objectives import fill_padding, masked_mean, valid_frames, valid_mask
 
 
 def feature_matching_loss(fmaps_real: Sequence[Sequence[Tensor]],
@@ -62,22 +71,32 @@ def generator_adversarial_loss(fake_logits: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.mean((1 - f) ** 2) for f in fake_logits]).sum()
 
 
-def mel_l1_loss(mel_fn: Callable[[Tensor], Tensor], wav_fake: Tensor, mel_real: Tensor) -> Tensor:
+def mel_l1_loss(mel_fn: Callable[[Tensor], Tensor], wav_fake: Tensor, mel_real: Tensor,
+                mask: Tensor | None = None) -> Tensor:
     """Mean absolute log-mel error of the generated waveform.
 
     Args:
         mel_fn: Waveform (B, N) → log-mel (B, n_mels, N // hop), e.g. ``MelSpectrogram``.
         wav_fake: (B, N) generated waveform.
         mel_real: (B, n_mels, N // hop) target log-mel (the generator's input).
+        mask: (B, N // hop) bool, True on the frames of real audio: the mean runs over those
+            only. None: every frame.
 
     Returns:
         Scalar loss.
     """
-    return F.l1_loss(mel_fn(wav_fake), mel_real)
+    if mask is None:
+        return F.l1_loss(mel_fn(wav_fake), mel_real)
+    return masked_mean((mel_fn(wav_fake) - mel_real).abs(), mask[:, None, :])  # (B, T) -> (B, 1, T)
+
+
+def _sample_mask(wav: Tensor, valid_samples: Tensor | None) -> Tensor | None:
+    """(B, N) bool, True on each item's first ``valid_samples`` samples; None without them."""
+    return None if valid_samples is None else valid_mask(valid_samples.to(wav.device), wav.shape[-1])
 
 
 def generator_losses(disc: nn.Module, mel_fn: Callable[[Tensor], Tensor], wav_real: Tensor,
-                     wav_fake: Tensor, mel_real: Tensor) -> dict[str, Tensor]:
+                     wav_fake: Tensor, mel_real: Tensor, valid_samples: Tensor | None = None) -> dict[str, Tensor]:
     """The generator step's unweighted terms.
 
     Args:
@@ -87,31 +106,42 @@ def generator_losses(disc: nn.Module, mel_fn: Callable[[Tensor], Tensor], wav_re
         wav_real: (B, N) ground-truth waveform.
         wav_fake: (B, N) generator output (not detached).
         mel_real: (B, n_mels, N // hop) log-mel of ``wav_real``.
+        valid_samples: (B,) real samples per item, the rest zero padding (see the module's
+            docstring); None: every sample is real.
 
     Returns:
         ``{"mel/l1", "adv/gen", "adv/feat"}`` scalars.
     """
+    frames = None
+    if valid_samples is not None:  # N = T · hop: the mel has one frame per hop samples
+        t = mel_real.shape[-1]
+        frames = valid_mask(valid_frames(valid_samples, wav_real.shape[-1] // t, t).to(mel_real.device), t)
+    wav_fake = fill_padding(wav_fake, wav_real, _sample_mask(wav_real, valid_samples))  # (B, N)
     with torch.no_grad():  # real activations are fixed targets
         _, fmaps_real = disc(wav_real)
     fake_logits, fmaps_fake = disc(wav_fake)
     return {
-        "mel/l1": mel_l1_loss(mel_fn, wav_fake, mel_real),
+        "mel/l1": mel_l1_loss(mel_fn, wav_fake, mel_real, frames),
         "adv/gen": generator_adversarial_loss(fake_logits),
         "adv/feat": feature_matching_loss(fmaps_real, fmaps_fake),
     }
 
 
-def discriminator_losses(disc: nn.Module, wav_real: Tensor, wav_fake: Tensor) -> dict[str, Tensor]:
+def discriminator_losses(disc: nn.Module, wav_real: Tensor, wav_fake: Tensor,
+                         valid_samples: Tensor | None = None) -> dict[str, Tensor]:
     """The discriminator step's loss; ``wav_fake`` is detached here.
 
     Args:
         disc: Waveform (B, N) → (logits list, feature-map lists).
         wav_real: (B, N) ground-truth waveform.
         wav_fake: (B, N) generator output.
+        valid_samples: (B,) real samples per item: past them the fake is the real padding, so
+            the discriminators learn nothing from it. None: every sample is real.
 
     Returns:
         ``{"adv/disc"}`` scalar.
     """
+    wav_fake = fill_padding(wav_fake, wav_real, _sample_mask(wav_real, valid_samples))  # (B, N)
     real_logits, _ = disc(wav_real)
     fake_logits, _ = disc(wav_fake.detach())
     return {"adv/disc": discriminator_loss(real_logits, fake_logits)}

@@ -83,6 +83,11 @@ class Stage:
         """Extra lines for the DAG's summary table, from the stage's marker."""
         return []
 
+    def resources(self, ctx: StageContext) -> list:
+        """What running the stage asks the cluster for (:class:`pipelines.core.preflight.Request`
+        each); none: it runs on the driver."""
+        return []
+
 
 # Config fields added after stages were first cached, at the value that keeps the old behaviour:
 # a stage's hash leaves them out at that value, so upgrading does not invalidate finished stages

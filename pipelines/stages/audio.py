@@ -24,6 +24,7 @@ from pipelines.core.stage import (
     StageContext,
     arrow_table,
     chunk,
+    read_marker,
     rejects_summary,
     rejects_table,
     run_shards,
@@ -90,6 +91,18 @@ def process_shard(item: dict, *, out_dir: str, mel: MelConfig, data: DataConfig,
     return {"shard": item["shard"], "rows_out": len(rows), "rejected": len(rejects)}
 
 
+def padded_clips(ctx: StageContext) -> int:
+    """Clips of the finished audio stage shorter than the clip length (0 if it has not run):
+    its marker's count, or for a stage written before it recorded one, counted from the table."""
+    marker = read_marker(out := ctx.outputs["audio"])
+    if marker is None:
+        return 0
+    if "padded_clips" in marker:
+        return int(marker["padded_clips"])
+    valid = storage.read_parquet_dir(out, columns=["valid_samples"]).column("valid_samples").to_pylist()
+    return sum(v < ctx.cfg.clip_samples for v in valid)
+
+
 class AudioStage(Stage):
     name = "audio"
     needs = ("ingest",)
@@ -111,9 +124,16 @@ class AudioStage(Stage):
         table = storage.read_parquet_dir(out_dir, columns=["valid_samples", "split"])
         rejected, reasons = rejects_summary(out_dir)
         audio_hours = sum(table.column("valid_samples").to_pylist()) / ctx.cfg.mel.sample_rate / 3600
+        padded = sum(v < ctx.cfg.clip_samples for v in table.column("valid_samples").to_pylist())
         return {"rows_in": len(manifest), "rows": table.num_rows, "rejected": rejected, "reasons": reasons,
-                "audio_hours": round(audio_hours, 4), "seconds": round(seconds, 2),
+                "padded_clips": padded, "audio_hours": round(audio_hours, 4), "seconds": round(seconds, 2),
                 "audio_seconds_per_second": round(audio_hours * 3600 / max(seconds, 1e-9), 1)}
+
+    def resources(self, ctx: StageContext) -> list:
+        from pipelines.core.preflight import Request
+
+        return [Request("audio tasks", 1, ctx.cfg.compute.audio_task_cpus, 0.0, "", "compute.audio_task_cpus", "",
+                        together=False)]
 
     def summary(self, info: dict) -> list[str]:
         if "audio_hours" not in info:

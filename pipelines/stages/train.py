@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -17,17 +19,21 @@ from pipelines.core.stage import (
     run_shards,
     write_shard,
 )
-from pipelines.stages.text import caption_key, recorded_width
+from pipelines.stages.text import caption_key, encoder_actors, recorded_width
 from pipelines.train.jobs import JOBS, JobSpec
+
+if TYPE_CHECKING:
+    import torch
 
 # One row per (clip, caption). ``mean``/``logvar`` are the posterior's (C, T', F') moments
 # flattened row-major; ``latent_channels``/``latent_frames``/``latent_bins`` are that shape,
-# which every reader reshapes by (as the audio stage's ``n_mels``/``frames``).
+# which every reader reshapes by (as the audio stage's ``n_mels``/``frames``). ``valid_frames``
+# counts the latent frames that hold real audio (the rest is the padding of a short clip).
 LATENT_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("caption_key", pa.string()), ("split", pa.string()),
     ("mean", pa.list_(pa.float32())), ("logvar", pa.list_(pa.float32())),
     ("latent_channels", pa.int32()), ("latent_frames", pa.int32()), ("latent_bins", pa.int32()),
-    ("emb", pa.list_(pa.float32())), ("length", pa.int32()),
+    ("emb", pa.list_(pa.float32())), ("length", pa.int32()), ("valid_frames", pa.int32()),
 ])
 
 
@@ -39,13 +45,26 @@ OPERATIONAL = ("steps", "log_every", "sample_every", "checkpoint_every", "max_fa
 
 def _model_section(ctx: StageContext, *names: str) -> dict:
     """The named config sections as a stage key; a training section without its operational
-    fields and with ``init_from`` hashed by the weights it names (:func:`_init_key`)."""
+    fields, with ``init_from`` hashed by the weights it names (:func:`_init_key`) and
+    ``mask_padding`` by what it changes (:func:`_padding_key`)."""
     out = {}
     for n in names:
         value = getattr(ctx.cfg, n)
-        out[n] = ({**{k: v for k, v in to_dict(value).items() if k not in OPERATIONAL}, **_init_key(ctx, n)}
+        out[n] = ({**{k: v for k, v in to_dict(value).items() if k not in (*OPERATIONAL, "mask_padding")},
+                   **_init_key(ctx, n), **_padding_key(ctx, n)}
                   if n.startswith("train_") else value)
     return out
+
+
+def _padding_key(ctx: StageContext, section: str) -> dict:
+    """``mask_padding`` is part of the hash only where it changes the training: on data with
+    padded clips. Data without (the demo corpus, AudioCaps' full-length clips) keeps the stages
+    trained before the option existed; padded data trained unmasked before is trained again."""
+    from pipelines.stages.audio import padded_clips
+
+    if not getattr(ctx.cfg, section).mask_padding or "audio" not in ctx.outputs:
+        return {}
+    return {"mask_padding": True} if padded_clips(ctx) else {}
 
 
 def trained_weights(ctx: StageContext, job: JobSpec) -> str:
@@ -132,6 +151,17 @@ class _TrainStage(Stage):
         """The steps reached: raising ``steps`` resumes in the same directory, with new weights."""
         return marker.get("steps")
 
+    def resources(self, ctx: StageContext) -> list:
+        """The job's worker gang, and a CPU beside it for the Ray Data readers that feed it;
+        nothing when the stage only exports weights from elsewhere."""
+        from pipelines.core.preflight import Request
+
+        t, s = self.job.train_config(ctx.cfg), self.job.section
+        if self.pretrained_key in ctx.sources or t.steps == 0:
+            return []
+        return [Request("training workers", t.num_workers, t.cpus_per_worker, t.gpus_per_worker, f"{s}.num_workers",
+                        f"{s}.cpus_per_worker", f"{s}.gpus_per_worker", spare_cpus=1.0)]
+
 
 class TrainVAEStage(_TrainStage):
     job = JOBS["vae"]
@@ -169,6 +199,9 @@ class TrainVocoderStage(_TrainStage):
         if (imported := self.imported_key(ctx)) is not None:
             return {**imported, "vocoder": {k: v for k, v in to_dict(ctx.cfg.vocoder).items() if k != "pretrained"}}
         return {"audio": ctx.hashes["audio"], **_model_section(ctx, "mel", "vocoder", "vocoder_loss", self.job.section)}
+
+    def resources(self, ctx: StageContext) -> list:
+        return [] if ctx.cfg.vocoder.kind == "griffinlim" else super().resources(ctx)
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         if self.pretrained_key in ctx.sources:
@@ -211,7 +244,7 @@ class EncodeLatents:
 
         shard = int(batch.column("shard")[0].as_py())
         uri = batch.column("rows")[0].as_py()[0]["file"]
-        clips = storage.read_parquet_file(uri, ["id", "captions", "split", "mel", "n_mels", "frames"])
+        clips = storage.read_parquet_file(uri, ["id", "captions", "split", "mel", "n_mels", "frames", "valid_samples"])
         records = clips.to_pylist()
         rows = []
         for start in range(0, len(records), self.batch_size):
@@ -224,19 +257,36 @@ class EncodeLatents:
             channels, frames, bins = post.mean.shape[1:]
             means = post.mean.flatten(1).cpu().numpy()  # (B, C, T', F') -> (B, C·T'·F')
             logvars = post.logvar.flatten(1).cpu().numpy()
-            for r, mean, logvar in zip(part, means, logvars):
+            valid = latent_valid_frames([r["valid_samples"] for r in part], self.cfg.mel.hop_length,
+                                        mel.shape[-1], frames).tolist()
+            for r, mean, logvar, n_valid in zip(part, means, logvars, valid):
                 for caption in r["captions"]:
                     key = caption_key(caption)
                     emb, n = self.text[key]
                     rows.append({"id": r["id"], "caption": caption, "caption_key": key, "split": r["split"],
                                  "mean": mean, "logvar": logvar, "latent_channels": channels,
-                                 "latent_frames": frames, "latent_bins": bins, "emb": np.asarray(emb), "length": n})
+                                 "latent_frames": frames, "latent_bins": bins, "emb": np.asarray(emb), "length": n,
+                                 "valid_frames": n_valid})
         write_shard(self.out_dir, shard, arrow_table(rows, LATENT_SCHEMA), rejects_table([]))
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
 
+def latent_valid_frames(valid_samples: Sequence[int], hop: int, mel_frames: int, latent_frames: int) -> torch.Tensor:
+    """(B,) real samples per clip → (B,) int64 latent frames that hold real audio.
+
+    ceil(real mel frames / r), r = mel_frames / latent_frames the VAE's downsampling in time: a
+    latent frame counts as real when any of the mel frames it encodes does.
+    """
+    from lafma.train.objectives import valid_frames
+
+    mel = valid_frames(valid_samples, hop, mel_frames)  # (B,) real mel frames
+    return valid_frames(mel, mel_frames // latent_frames, latent_frames)
+
+
 # Version of the latents table's layout: 2 added each row's shape (latent_channels,
 # latent_frames, latent_bins), which the LFM job reads; a cache without them is rebuilt.
+# ``valid_frames`` came later without a new version: a table without it still reads, as "every
+# frame is real" (pipelines.train.data.PADDING_COLUMNS), so finished runs keep their latents.
 LATENTS_FORMAT = 2
 
 
@@ -246,6 +296,9 @@ class LatentsStage(Stage):
 
     def key(self, ctx: StageContext) -> dict:
         return {**{n: ctx.hashes[n] for n in self.needs}, "format": LATENTS_FORMAT}
+
+    def resources(self, ctx: StageContext) -> list:
+        return [encoder_actors("VAE encoder actors", ctx)]
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         files = storage.list_files(ctx.outputs["audio"], ".parquet")

@@ -11,6 +11,11 @@ worker sorts the rows by the job's key columns, keeps every ``world``-th one fro
 and shuffles them per epoch from ``seed + epoch`` (:class:`RankRows`). Ray Data's streaming
 split, used for larger datasets, hands blocks to whichever worker asks first, so there which
 rows a worker sees, and when, varies from run to run.
+
+Padding: the audio stage zero-pads clips shorter than ``audio.clip_seconds`` and records each
+row's ``valid_samples``; the latents stage records ``valid_frames`` (latent frames). A job with
+``mask_padding`` crops inside the real audio (:func:`valid_crop`) and keeps the padding out of
+its losses (:mod:`lafma.train.objectives`).
 """
 
 from __future__ import annotations
@@ -22,11 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from lafma.train.objectives import valid_frames
 from pipelines.core import storage
 
 # Datasets up to this many bytes of Parquet are read whole by every training worker, which
 # keeps its share by rank (deterministic order); larger ones are streamed and split by Ray Data.
 REPLICATE_BYTES = 512 << 20
+
+# How much of each row is real audio (the audio table's samples, the latents table's latent
+# frames). Read along with a job's columns wherever the table has them: a latents table written
+# before ``valid_frames`` existed stays readable, and means "every frame is real".
+PADDING_COLUMNS = ("valid_samples", "valid_frames")
 
 
 def fits_every_worker(data_dir: str) -> bool:
@@ -64,13 +75,18 @@ class RankRows:
 
 
 def parquet_dataset(out_dir: str, columns: Sequence[str], split: str | None = "train"):
-    """A stage's shard files (not its rejects/) as a Ray dataset, filtered to ``split``."""
+    """A stage's shard files (not its rejects/) as a Ray dataset, filtered to ``split``.
+
+    Reads ``columns`` and those of :data:`PADDING_COLUMNS` that the shards have.
+    """
     import ray.data
     from ray.data.expressions import col
 
     files = storage.list_files(out_dir, ".parquet")
     if not files:
         raise FileNotFoundError(f"no Parquet shards under {out_dir}")
+    present = set(parquet_columns(files[0]))
+    columns = [*columns, *(c for c in PADDING_COLUMNS if c in present and c not in columns)]
     filesystem = None
     if storage.is_remote(out_dir):
         from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -80,6 +96,15 @@ def parquet_dataset(out_dir: str, columns: Sequence[str], split: str | None = "t
         files = [f.split("://", 1)[1] for f in files]
     ds = ray.data.read_parquet(files, filesystem=filesystem, columns=[*columns, "split"])
     return ds if split is None else ds.filter(expr=col("split") == split)
+
+
+def parquet_columns(uri: str) -> list[str]:
+    """The column names of one Parquet file (read from its footer, not its data)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_schema(f).names
 
 
 def unflatten(column: Sequence, *dims: Sequence[int]) -> torch.Tensor:
@@ -120,12 +145,54 @@ def random_crop(x: torch.Tensor, frames: int, hop: int = 0,
     b, _, t = x.shape
     if frames <= 0 or frames >= t:
         return x, wav
-    starts = torch.randint(0, t - frames + 1, (b,)).tolist()
+    return _crop_at(x, torch.randint(0, t - frames + 1, (b,)).tolist(), frames, hop, wav)
+
+
+def valid_crop(x: torch.Tensor, frames: int, valid_samples: torch.Tensor, hop: int,
+               wav: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """:func:`random_crop` inside each item's real audio, and the real samples of each crop.
+
+    A clip padded past ``valid_samples`` has ``v = ceil(valid_samples / hop)`` real frames
+    (:func:`lafma.train.objectives.valid_frames`); its crop starts uniformly in [0, v − frames],
+    so it holds real audio only, or at 0 when the clip is shorter than the crop (the crop then
+    holds all of its real audio, and the loss masks the rest). Starts come from the global RNG.
+
+    Args:
+        x: (B, C, T) mels.
+        frames: crop length in frames; 0 or at least T: no crop (and no draw).
+        valid_samples: (B,) real samples per clip.
+        hop: samples per mel frame.
+        wav: (B, T · hop) waveforms, cropped to the same window, or None.
+
+    Returns:
+        (B, C, frames) mels, (B, frames · hop) waveforms (or None without ``wav``), and (B,)
+        int64 real samples per crop.
+    """
+    b, _, t = x.shape
+    valid_samples = torch.as_tensor(valid_samples, dtype=torch.long).clamp(0, t * hop)
+    if frames <= 0 or frames >= t:
+        return x, wav, valid_samples
+    last = (valid_frames(valid_samples, hop, t) - frames).clamp_min(0)  # (B,) the latest start that stays real
+    starts = torch.floor(torch.rand(b, dtype=torch.float64) * (last + 1)).long()  # uniform in [0, last]
+    mel, seg = _crop_at(x, starts.tolist(), frames, hop, wav)
+    return mel, seg, (valid_samples - starts * hop).clamp(0, frames * hop)
+
+
+def _crop_at(x: torch.Tensor, starts: Sequence[int], frames: int, hop: int,
+             wav: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, C, T) mels (and (B, T · hop) waveforms) cut to ``frames`` from each item's start."""
     mel = torch.stack([x[i, :, s : s + frames] for i, s in enumerate(starts)])
     if wav is None:
         return mel, None
     seg = torch.stack([wav[i, s * hop : (s + frames) * hop] for i, s in enumerate(starts)])
     return mel, seg
+
+
+def batch_valid(rows: dict[str, np.ndarray], column: str, full: int) -> torch.Tensor:
+    """A batch's (B,) int64 real samples or frames from ``column``, ``full`` where it is absent."""
+    if column in rows:
+        return torch.as_tensor(np.asarray(rows[column], dtype=np.int64))
+    return torch.full((len(next(iter(rows.values()))),), full, dtype=torch.long)
 
 
 def _nbytes(column: np.ndarray) -> int:

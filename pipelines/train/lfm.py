@@ -1,4 +1,9 @@
-"""The LFM job: flow matching on VAE latents joined with caption embeddings, with an EMA."""
+"""The LFM job: flow matching on VAE latents joined with caption embeddings, with an EMA.
+
+With ``train_lfm.mask_padding`` the loss averages over each latent's frames of real audio
+(the latents table's ``valid_frames``; a table written before that column existed counts every
+frame as real), so the model is not taught the padding of short clips as their content.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from lafma.models import build_unet, build_vae, build_vocoder
 from lafma.pipeline import sample_latents
 from lafma.text import pad_embeddings
 from lafma.train import EMA, lfm_loss
+from lafma.train.objectives import valid_mask
 from lafma.vae import DiagonalGaussian
 from pipelines.core.tracking import RunLogger, mel_image
 from pipelines.train.data import epochs, unflatten
@@ -66,7 +72,11 @@ def lfm_job(inputs: JobInputs) -> Job:
             ctx, mask = pad_embeddings(rows["emb"], rows["length"], cfg.context_dim)  # (B, L, D), (B, L)
             if not kept:  # the first batch's first two items: the same captions in every sample
                 kept.update(ctx=ctx[:2].clone(), mask=mask[:2].clone(), latent=posterior.mean[:2].clone())
-            yield {"x1": (z * scale).to(device), "ctx": ctx.to(device), "mask": mask.to(device)}
+            batch = {"x1": (z * scale).to(device), "ctx": ctx.to(device), "mask": mask.to(device)}
+            if t.mask_padding and "valid_frames" in rows:  # absent from older tables: every frame is real
+                valid = torch.as_tensor(rows["valid_frames"], dtype=torch.long)  # (B,) latent frames
+                batch["frame_mask"] = valid_mask(valid, z.shape[2]).to(device)  # (B, T')
+            yield batch
 
     def step(batch: dict[str, Tensor], i: int) -> dict[str, float]:
         def velocity(x, tt, context, context_mask):
@@ -74,7 +84,8 @@ def lfm_job(inputs: JobInputs) -> Job:
 
         loss, logs = lfm_loss(velocity, batch["x1"], batch["ctx"], batch["mask"], path=path, null_context=null_ctx,
                               null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout,
-                              t_sampling=cfg.flow.t_sampling, t_mean=cfg.flow.t_mean, t_std=cfg.flow.t_std)
+                              t_sampling=cfg.flow.t_sampling, t_mean=cfg.flow.t_mean, t_std=cfg.flow.t_std,
+                              frame_mask=batch.get("frame_mask"))
         engine.backward(loss)
         updates = engine.global_steps
         engine.step()

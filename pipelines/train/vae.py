@@ -1,4 +1,9 @@
-"""The VAE job: random mel crops, ELBO + adaptively weighted PatchGAN (LDM's recipe)."""
+"""The VAE job: random mel crops, ELBO + adaptively weighted PatchGAN (LDM's recipe).
+
+With ``train_vae.mask_padding`` the crops stay inside each clip's real audio, the
+reconstruction counts real frames only, and the discriminator sees the reconstruction with
+its padded frames replaced by the input's, so the VAE is never asked to reproduce padding.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from lafma.models import build_vae, build_vae_discriminator
+from lafma.train.objectives import fill_padding, valid_frames, valid_mask
 from lafma.vae import VAELoss, mel_to_image
 from lafma.vocoder import GriffinLimVocoder
 from pipelines.config import PipelineConfig
 from pipelines.core.tracking import RunLogger, mel_image
-from pipelines.train.data import random_crop, unflatten
+from pipelines.train.data import batch_valid, random_crop, unflatten, valid_crop
 from pipelines.train.gan import GANTask, Losses, gan_job
 from pipelines.train.loop import Job, JobInputs
 
@@ -44,8 +50,25 @@ class VAETask(GANTask):
 
     def batch(self, rows: dict[str, np.ndarray]) -> dict[str, Tensor]:
         mel = unflatten(rows["mel"], rows["n_mels"], rows["frames"])  # (B, n_mels, T)
-        mel, _ = random_crop(mel, self.train.crop_frames)  # (B, n_mels, crop)
-        return {"mel": mel}
+        if not self.train.mask_padding:
+            mel, _ = random_crop(mel, self.train.crop_frames)  # (B, n_mels, crop)
+            return {"mel": mel}
+        hop = self.cfg.mel.hop_length
+        valid = batch_valid(rows, "valid_samples", mel.shape[-1] * hop)  # (B,) samples
+        mel, _, valid = valid_crop(mel, self.train.crop_frames, valid, hop)  # (B, n_mels, crop), (B,)
+        return {"mel": mel, "valid_frames": valid_frames(valid, hop, mel.shape[-1])}
+
+    @staticmethod
+    def mask(batch: dict[str, Tensor]) -> Tensor | None:
+        """(B, T) bool, True on the batch's real mel frames; None without ``mask_padding``."""
+        if "valid_frames" not in batch:
+            return None
+        return valid_mask(batch["valid_frames"].to(batch["mel"].device), batch["mel"].shape[-1])
+
+    def judged(self, fake: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """What the discriminator sees of ``fake``: (B, 1, T, n_mels), the input's own padding."""
+        mask = self.mask(batch)
+        return mel_to_image(fill_padding(fake, batch["mel"], None if mask is None else mask[:, None, :]))
 
     def forward(self, gen, batch: dict[str, Tensor]) -> dict[str, Any]:
         recon, posterior = gen(batch["mel"])  # (B, n_mels, T), over (B, C, T / r, n_mels / r)
@@ -57,22 +80,23 @@ class VAETask(GANTask):
     def discriminator_losses(self, generator: VAEWithLoss, disc, batch: dict[str, Tensor], fake: Tensor,
                              step: int) -> Losses:
         loss = generator.loss
-        terms = loss.discriminator_losses(disc(mel_to_image(batch["mel"])), disc(mel_to_image(fake)))
+        terms = loss.discriminator_losses(disc(mel_to_image(batch["mel"])), disc(self.judged(fake, batch)))
         return terms, loss.loss_weights(step)
 
     def generator_losses(self, generator: VAEWithLoss, discriminator: Callable[..., Any], batch: dict[str, Tensor],
                          out: dict[str, Any], step: int) -> Losses:
         loss, mel, fake, posterior = generator.loss, batch["mel"], out["fake"], out["posterior"]
+        mask = self.mask(batch)
         logits, weight = None, None
         if self.adversarial(generator, step):
-            logits = discriminator(mel_to_image(fake))
+            logits = discriminator(self.judged(fake, batch))
             # LDM balances the two losses by their gradient norms at the decoder's end.
             # DeepSpeed hooks the engine's outputs, so a second backward through ``fake``
             # would run its gradient reduction mid-step; differentiate a leaf copy instead.
             leaf = fake.detach().requires_grad_(True)
-            weight = loss.generator_losses(mel, leaf, posterior, discriminator(mel_to_image(leaf)), step,
-                                           last_layer=leaf)["adv/weight"]
-        terms = loss.generator_losses(mel, fake, posterior, logits, step, adv_weight=weight)
+            weight = loss.generator_losses(mel, leaf, posterior, discriminator(self.judged(leaf, batch)), step,
+                                           last_layer=leaf, mask=mask)["adv/weight"]
+        terms = loss.generator_losses(mel, fake, posterior, logits, step, adv_weight=weight, mask=mask)
         return terms, loss.loss_weights(step, terms["adv/weight"])
 
     def samples(self, generator: VAEWithLoss, batch: dict[str, Tensor], step: int, logger: RunLogger) -> None:
