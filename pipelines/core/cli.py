@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from lafma.config import ConfigError
 from pipelines.config import PipelineConfig, load_pipeline_config
-from pipelines.core.dag import StageReport, run_dag
+from pipelines.core.dag import StageReport, check_dag, run_dag
+from pipelines.core.preflight import Preflight
 from pipelines.core.stage import Stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,6 +39,16 @@ def run_dag_or_exit(cfg: PipelineConfig, stages: Sequence[Stage], **selection) -
     the key named, exit 2, no traceback."""
     try:
         return run_dag(cfg, stages, **selection)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_dag_or_exit(cfg: PipelineConfig, stages: Sequence[Stage], **selection) -> Preflight:
+    """:func:`~pipelines.core.dag.check_dag`, with a source found wrong (``resolve_sources``)
+    reported like any config error."""
+    try:
+        return check_dag(cfg, stages, **selection)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,6 +13,7 @@ from pipelines.config import PipelineConfig
 from pipelines.core import storage, tracking
 from pipelines.core.cluster import init_ray
 from pipelines.core.console import format_duration
+from pipelines.core.preflight import Preflight, PreflightError, preflight
 from pipelines.core.stage import Stage, StageContext, digest, read_marker, write_marker
 
 
@@ -62,7 +63,7 @@ def with_needs(stages: Sequence[Stage], name: str) -> list[str]:
     return [s.name for s in stages if s.name in wanted]
 
 
-def _version(stage: Stage, ctx: StageContext, h: str, marker: dict | None) -> None:
+def stage_version(stage: Stage, ctx: StageContext, h: str, marker: dict | None) -> None:
     """What downstream stages hash for this stage: its own hash, and its ``version`` when it
     has one (a training stage resumed to more steps keeps its directory, but its weights
     change, so what depends on them must not count as finished)."""
@@ -106,19 +107,41 @@ def _numbers(info: dict) -> dict[str, float]:
     return out
 
 
-def run_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str] = (), start: str | None = None,
-            until: str | None = None) -> list[StageReport]:
-    """Run the selected stages in DAG order (see the module docstring); each stage that runs
-    gets an MLflow child run under the pipeline's parent run."""
+def _context(cfg: PipelineConfig, stages: Sequence[Stage], only: Sequence[str], start: str | None,
+             until: str | None) -> tuple[StageContext, list[str]]:
+    """The run's context (sources resolved) and the stages chosen to run."""
     from pipelines.train.sources import resolve_sources
 
-    names = [s.name for s in stages]
-    chosen = select(names, only, start, until)
+    chosen = select([s.name for s in stages], only, start, until)
     root = storage.absolute(cfg.storage.root)
     # Weights from elsewhere decide their components' architecture: resolved before any hash.
     cfg, sources = resolve_sources(cfg, root)
     ctx = StageContext(cfg=cfg, root=root, dataset=dataset_name(cfg), sources=sources)
     ctx.hashes["config"] = config_hash(cfg)
+    return ctx, chosen
+
+
+def check_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str] = (), start: str | None = None,
+              until: str | None = None) -> Preflight:
+    """The preflight of :func:`run_dag` alone: the plan and what would fail, nothing run."""
+    ctx, chosen = _context(cfg, stages, only, start, until)
+    return preflight(stages, chosen, ctx)
+
+
+def run_dag(cfg: PipelineConfig, stages: Sequence[Stage], *, only: Sequence[str] = (), start: str | None = None,
+            until: str | None = None) -> list[StageReport]:
+    """Run the selected stages in DAG order (see the module docstring); each stage that runs
+    gets an MLflow child run under the pipeline's parent run. The preflight
+    (:mod:`pipelines.core.preflight`) runs first: what it finds wrong stops the run before any
+    stage, as a :class:`~pipelines.core.preflight.PreflightError` naming the keys."""
+    ctx, chosen = _context(cfg, stages, only, start, until)
+    pf = preflight(stages, chosen, ctx)
+    for f in pf.findings:
+        if not f.fatal:
+            print(f"[preflight] {f}", flush=True)
+    if not pf.ok:
+        raise PreflightError(pf.findings)
+    names = [s.name for s in stages]
     reports: list[StageReport] = []
     last = max(names.index(n) for n in chosen)
     uri = tracking.tracking_uri(ctx.root)
@@ -155,7 +178,7 @@ def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: 
     marker = read_marker(out)
     if marker is not None and not stage.done(marker, ctx):
         marker = None  # e.g. a training stage asked for more steps: resume it
-    _version(stage, ctx, h, marker)
+    stage_version(stage, ctx, h, marker)
     if marker is not None and marker.get("run_id"):
         ctx.run_ids[stage.name] = marker["run_id"]
     if stage.name not in chosen:
@@ -189,7 +212,7 @@ def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: 
     write_marker(out, marker)
     tracking.RunLogger(run_id, tracking=uri).log_metrics({f"stage/{k}": v for k, v in _numbers(marker).items()}, step=0)
     tracking.end_run(run_id, tracking=uri)
-    _version(stage, ctx, h, marker)
+    stage_version(stage, ctx, h, marker)
     print(f"{place} done in {format_duration(seconds)} (pipeline {format_duration(time.time() - started)} so far)",
           flush=True)
     return StageReport(stage.name, "ran", out, seconds, marker)

@@ -115,12 +115,14 @@ class PackageStage(Stage):
         print(f"[package] registered {registry.MODEL_NAME} v{reg.version} ({reg.uri}) as {registry.CANDIDATE}; "
               f"{metric} = {value:.5f} on {rows.num_rows} {split} clips", flush=True)
         return {"model_version": reg.version, "model_uri": reg.uri, "gate_metric": metric, "gate_value": value,
-                "gate_clips": rows.num_rows, "bundle": storage.join(out_dir, "bundle"), "metrics": {metric: value}}
+                "gate_clips": rows.num_rows, "gate_split": split, "bundle": storage.join(out_dir, "bundle"),
+                "metrics": {metric: value}}
 
     def summary(self, info: dict) -> list[str]:
         if "model_version" not in info:
             return []
-        return [f"registered {info.get('model_uri')} ({info.get('gate_metric')} = {info.get('gate_value', 0):.5g})"]
+        where = f" on {info['gate_clips']} {info['gate_split']} clips" if "gate_split" in info else ""
+        return [f"registered {info.get('model_uri')} ({info.get('gate_metric')} = {info.get('gate_value', 0):.5g}{where})"]
 
 
 class PromoteStage(Stage):
@@ -198,6 +200,18 @@ class GenerateStage(Stage):
 
     def summary(self, info: dict) -> list[str]:
         return [f"generated audio: {info['audio_dir']}"] if "audio_dir" in info else []
+
+    def resources(self, ctx: StageContext) -> list:
+        return [generation_actors(ctx)]
+
+
+def generation_actors(ctx: StageContext):
+    """The actor pool ``generate.actors`` sizes (the generate and evaluate stages run one)."""
+    from pipelines.core.preflight import Request
+
+    g = ctx.cfg.generate
+    return Request("generation actors", g.actors, g.actor_cpus, g.actor_gpus, "generate.actors", "generate.actor_cpus",
+                   "generate.actor_gpus")
 
 
 def log_generations(ctx: StageContext, out_dir: str, limit: int = 8) -> None:

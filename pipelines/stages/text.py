@@ -72,6 +72,9 @@ class TextStage(Stage):
     def key(self, ctx: StageContext) -> dict:
         return {"ingest": ctx.hashes["ingest"], "text": ctx.cfg.text, "batch": ctx.cfg.compute.text_batch_size}
 
+    def resources(self, ctx: StageContext) -> list:
+        return [encoder_actors("text encoder actors", ctx)]
+
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         table = storage.read_parquet_dir(ctx.outputs["ingest"], columns=["captions"])
         unique = {""} | {c for cs in table.column("captions").to_pylist() for c in cs}
@@ -97,6 +100,15 @@ class TextStage(Stage):
             raise ConfigError("unet.context_dim",
                               f"the text encoder ({ctx.cfg.text.kind}) produced {width}-d embeddings, but the UNet "
                               f"would be built {ctx.cfg.context_dim} wide ({source}); set unet.context_dim={width}")
+
+
+def encoder_actors(what: str, ctx: StageContext):
+    """The actor pool ``compute.text_*`` sizes (the text and latents stages run one)."""
+    from pipelines.core.preflight import Request
+
+    c = ctx.cfg.compute
+    return Request(what, c.text_actors, c.text_actor_cpus, c.text_actor_gpus, "compute.text_actors",
+                   "compute.text_actor_cpus", "compute.text_actor_gpus")
 
 
 def recorded_width(text_dir: str) -> int:

@@ -168,8 +168,17 @@ def test_a_mel_change_reruns_the_audio_stage_but_encodes_no_caption_again(ray_lo
 def test_a_text_width_the_unet_was_not_built_for_stops_before_any_training(ray_local, hostile, tmp_path):
     from lafma.config import ConfigError
 
+    from pipelines.core.stage import StageContext
+    from pipelines.stages.text import TextStage
+
     cfg = config(hostile.manifest, tmp_path / "store", "unet.context_dim=48")  # tiny_t5 is 32 wide
-    with pytest.raises(ConfigError, match="produced 32-d embeddings.*set unet.context_dim=32") as e:
+    # Known from the config (tiny_t5, a local directory, the packaged MiniLM): the preflight stops
+    # the run before any stage.
+    with pytest.raises(ConfigError, match="32-d text embeddings.*set unet.context_dim=32") as e:
         run_dag(cfg, STAGES, until="train_vae")
     assert e.value.key == "unet.context_dim"
-    assert not list((tmp_path / "store").glob("data/*/train_vae-*"))  # nothing trained
+    assert not list((tmp_path / "store").glob("data/*/*"))  # not even ingest ran
+    # Only guessed (a hub name): the width the text stage recorded stops it before any training.
+    with pytest.raises(ConfigError, match="produced 32-d embeddings.*set unet.context_dim=32") as e:
+        TextStage().check(StageContext(cfg=cfg, root=str(tmp_path), dataset="d"), {"dim": 32})
+    assert e.value.key == "unet.context_dim"

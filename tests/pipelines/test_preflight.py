@@ -1,0 +1,152 @@
+"""The preflight: each problem it exists for stops the run before any stage, naming the key;
+``run_all.py --check`` prints the plan and exits 0 when the run would go ahead."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipelines.config import load_pipeline_config
+from pipelines.core.dag import check_dag, run_dag
+from pipelines.core.preflight import PreflightError
+from pipelines.stages import STAGES
+from tests.pipelines.dag_run import CONFIG
+
+REPO = Path(__file__).parents[2]
+
+
+def _manifest(folder: Path, n: int = 12, split: str | None = None, rate: int = 16000) -> Path:
+    """``n`` short tones as a generic CSV with relative paths (and a split column if given)."""
+    (folder / "audio").mkdir(parents=True)
+    lines = ["audio,caption" + (",split" if split else "")]
+    for i in range(n):
+        t = np.arange(rate) / rate
+        sf.write(folder / "audio" / f"t{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), rate)
+        lines.append(f"audio/t{i}.wav,a tone number {i}" + (f",{split}" if split else ""))
+    (path := folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_pipeline_config(CONFIG, [f"storage.root={tmp_path / 'root'}", *overrides])
+
+
+def _refused(cfg, key: str, match: str = "") -> PreflightError:
+    """run_dag stops before any stage (nothing under the root's data/), naming ``key`` first."""
+    with pytest.raises(PreflightError) as info:
+        run_dag(cfg, STAGES)
+    assert info.value.key == key, str(info.value)
+    assert key in str(info.value) and match in str(info.value)
+    assert not (Path(cfg.storage.root) / "data").exists()  # not even ingest ran
+    return info.value
+
+
+def test_the_plan_of_a_fresh_run_lists_every_stage_and_its_requests(tmp_path):
+    pf = check_dag(_cfg(tmp_path), STAGES)
+    assert pf.ok, [str(f) for f in pf.findings]
+    plan = {p.name: p for p in pf.plan}
+    assert list(plan) == [s.name for s in STAGES] and all(p.action == "run" for p in pf.plan)
+    (workers,) = plan["train_lfm"].requests
+    assert (workers.count, workers.cpus, workers.count_key) == (2, 0.5, "train_lfm.num_workers")
+    assert plan["package"].requests == [] and plan["evaluate"].requests[0].count_key == "generate.actors"
+    assert pf.cluster is not None and pf.cluster.cpus >= 1
+
+
+def test_too_few_held_out_clips_stop_before_ingest(tmp_path):
+    # A split column that puts every clip in train: evaluation would fail after all training.
+    manifest = _manifest(tmp_path / "in", split="train")
+    err = _refused(_cfg(tmp_path, f"data.manifest={manifest}"), "data.splits", "0 held-out clips")
+    assert "data.splits=hash" in str(err)
+    # Without the evaluate stage nothing needs them: the run may go ahead.
+    assert check_dag(_cfg(tmp_path, f"data.manifest={manifest}"), STAGES, until="train_lfm").ok
+    # data.splits=hash draws them instead (12 clips: 3 each for validation and test).
+    assert check_dag(_cfg(tmp_path, f"data.manifest={manifest}", "data.splits=hash"), STAGES).ok
+
+
+def test_a_corpus_too_small_to_hold_out_enough_names_the_fraction(tmp_path):
+    manifest = _manifest(tmp_path / "in", n=6)  # no split column: at most half held out, 1 + 1 clips
+    _refused(_cfg(tmp_path, f"data.manifest={manifest}"), "data.heldout_fraction", "2 held-out clips")
+
+
+def test_audio_paths_that_resolve_nowhere_name_audio_dir(tmp_path):
+    manifest = _manifest(tmp_path / "in")
+    _refused(_cfg(tmp_path, f"data.manifest={manifest}", f"data.audio_dir={tmp_path / 'elsewhere'}"),
+             "data.audio_dir", "none of the first")
+
+
+def test_low_rate_audio_is_a_warning_not_a_stop(tmp_path):
+    manifest = _manifest(tmp_path / "in", rate=8000)
+    pf = check_dag(_cfg(tmp_path, f"data.manifest={manifest}"), STAGES)
+    assert pf.ok and [f.key for f in pf.findings] == ["mel.f_max"]
+
+
+def test_a_text_encoder_of_another_width_than_the_unet_stops(tmp_path):
+    _refused(_cfg(tmp_path, "unet.context_dim=48"), "unet.context_dim", "32-d text embeddings")
+
+
+def test_a_hub_encoder_that_is_not_there_offline_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _refused(_cfg(tmp_path, "text.kind=t5", "text.name_or_path=google/flan-t5-not-a-model"), "text.name_or_path",
+             "Hugging Face cache")
+
+
+def test_an_unwritable_storage_root_stops(tmp_path):
+    cfg = load_pipeline_config(CONFIG, ["storage.root=/proc/lafma-cannot-be-here"])
+    with pytest.raises(PreflightError) as info:
+        run_dag(cfg, STAGES)
+    assert info.value.key == "storage.root" and "cannot write" in str(info.value)
+
+
+def test_an_unreachable_tracking_server_stops(tmp_path, monkeypatch):
+    with socket.socket() as s:  # bound, never listening: a connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{s.getsockname()[1]}")
+        _refused(_cfg(tmp_path), "MLFLOW_TRACKING_URI", "does not answer")
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train_lfm.num_workers=64", "train_lfm.num_workers"),  # the gang cannot be placed
+    ("train_vae.cpus_per_worker=512", "train_vae.cpus_per_worker"),  # one worker fits no node
+    ("generate.actor_gpus=64", "generate.actor_gpus"),
+    ("compute.text_actors=256", "compute.text_actors"),
+])
+def test_a_request_the_cluster_cannot_hold_stops_naming_its_key(tmp_path, override, key):
+    _refused(_cfg(tmp_path, override), key, "lower")
+
+
+def test_workers_that_leave_no_cpu_for_their_readers_stop(tmp_path):
+    cpus = int(check_dag(_cfg(tmp_path), STAGES).cluster.cpus)
+    # Exactly every CPU for the workers: they fit, and would wait forever for their data.
+    _refused(_cfg(tmp_path, f"train_lfm.num_workers={cpus}", "train_lfm.cpus_per_worker=1"), "train_lfm.num_workers",
+             "wait forever")
+
+
+def test_an_autoscaling_cluster_reports_what_it_will_request(tmp_path):
+    pf = check_dag(_cfg(tmp_path, "compute.autoscaling=true", "train_lfm.num_workers=64"), STAGES)
+    assert pf.ok
+    (finding,) = pf.findings
+    assert not finding.fatal and finding.key == "train_lfm.num_workers" and "autoscaler" in finding.message
+
+
+def _check(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "pipelines" / "run_all.py"), "--config", str(CONFIG), "--check",
+                           f"storage.root={tmp_path / 'root'}", *overrides], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_check_prints_the_plan_and_exits_0_or_2(tmp_path):
+    ok = _check(tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "train_lfm     run" in ok.stdout and "2 training workers x (0.5 CPU)" in ok.stdout
+    assert ok.stdout.rstrip().endswith("preflight: ok")
+    bad = _check(tmp_path, "train_lfm.num_workers=64")
+    assert bad.returncode == 2 and "error: train_lfm.num_workers" in bad.stdout
+    assert not (tmp_path / "root" / "data").exists()
