@@ -24,7 +24,8 @@ from lafma.metrics import Embedded, frechet_distance_from_embeddings, score_gene
 from pipelines.config import PipelineConfig
 from pipelines.core import registry, storage
 from pipelines.core.stage import Stage, StageContext, read_marker
-from pipelines.stages.release import packaged_model_uri
+from pipelines.stages.ingest import MIN_HELD_OUT
+from pipelines.stages.release import generation_actors, packaged_model_uri
 from pipelines.stages.text import caption_key
 
 HELD_OUT = ("test", "validation")
@@ -42,6 +43,11 @@ LOGGED_CLIPS = 64  # generated held-out clips whose audio is logged to MLflow
 SHEET_ROWS = 8
 # Higher is better only for the text-audio score.
 HIGHER_IS_BETTER = {"text_audio"}
+# A manifest column is scored as an attribute (a classifier fitted on real training clips,
+# its accuracy on generated held-out clips) when it reads as a class label: text or integer
+# values, at least two classes, and on average at least this many training clips per class
+# (an id, a URL or a free-text note has about one value per clip and would only measure noise).
+MIN_CLIPS_PER_CLASS = 2
 
 
 def load_clips(audio_dir: str, splits: tuple[str, ...], limit: int) -> list[dict]:
@@ -139,6 +145,16 @@ def spectrogram_sheet(mel_cfg: MelConfig, held: list[dict], gen: list[np.ndarray
     return mel_grid(rows, sample_rate=mel_cfg.sample_rate, hop_length=mel_cfg.hop_length)
 
 
+def attribute_names(train: list[dict]) -> list[str]:
+    """The manifest columns that read as class labels (:data:`MIN_CLIPS_PER_CLASS`) in the
+    training clips."""
+    values: dict[str, set] = {}
+    for c in train:
+        for k, v in c["attributes"].items():
+            values.setdefault(k, set()).add(v if isinstance(v, (str, int)) and not isinstance(v, bool) else None)
+    return sorted(k for k, vs in values.items() if None not in vs and 2 <= len(vs) <= len(train) / MIN_CLIPS_PER_CLASS)
+
+
 class EvaluateStage(Stage):
     """Generate the held-out captions with the candidate, score them against the held-out real
     audio (see the module docstring) and hand the gate metric to the registry."""
@@ -149,12 +165,16 @@ class EvaluateStage(Stage):
     def key(self, ctx: StageContext) -> dict:
         return {**{n: ctx.hashes[n] for n in self.needs}, "evaluate": ctx.cfg.evaluate, "sampler": ctx.cfg.sampler}
 
+    def resources(self, ctx: StageContext) -> list:
+        return [generation_actors(ctx)]
+
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         cfg, e, s = ctx.cfg, ctx.cfg.evaluate, ctx.cfg.sampler
         pkg = read_marker(ctx.outputs["package"])
         held = load_clips(ctx.outputs["audio"], HELD_OUT, e.max_clips)
-        if len(held) < 4:
-            raise ValueError(f"evaluate needs at least 4 held-out clips ({'/'.join(HELD_OUT)} splits); found {len(held)}")
+        if len(held) < MIN_HELD_OUT:
+            raise ValueError(f"evaluate needs at least {MIN_HELD_OUT} held-out clips ({'/'.join(HELD_OUT)} splits); "
+                             f"found {len(held)}: set data.splits=hash, or raise data.heldout_fraction")
         train = load_clips(ctx.outputs["audio"], ("train",), TRAIN_CLIPS)
         sr = cfg.mel.sample_rate
         embedder = evaluation_embedder(cfg, ctx.root)
@@ -165,7 +185,7 @@ class EvaluateStage(Stage):
         vocoded, roundtrip = self._back_end(ctx, held, pkg)
         captions = [c["caption"] for c in train]
         text = caption_embeddings(ctx.outputs["text"], captions + [c["caption"] for c in held])  # one pass
-        names = sorted({k for c in train for k in c["attributes"]})
+        names = attribute_names(train)
         scores = score_generations(
             real, embed(embedder, gen, sr), train=embed(embedder, [c["waveform"] for c in train], sr).clips,
             train_text=text[: len(train)], train_captions=captions, held_text=text[len(train) :],
@@ -200,6 +220,9 @@ class EvaluateStage(Stage):
         attrs = [f"{k.split('/')[1]} {v:.2f}" for k, v in m.items() if k.startswith("attr/") and k.endswith("/accuracy")]
         if attrs:
             lines.append("attribute accuracy on held-out captions: " + ", ".join(attrs))
+        else:
+            lines.append("no attribute accuracy: the manifest has no attribute columns (class labels beside "
+                         "audio and caption, e.g. a 'category' column)")
         if "spectrograms" in info:
             lines.append(f"spectrogram sheet: {info['spectrograms']}")
         return lines
