@@ -167,7 +167,6 @@ def test_a_mel_change_reruns_the_audio_stage_but_encodes_no_caption_again(ray_lo
 
 def test_a_text_width_the_unet_was_not_built_for_stops_before_any_training(ray_local, hostile, tmp_path):
     from lafma.config import ConfigError
-
     from pipelines.core.stage import StageContext
     from pipelines.stages.text import TextStage
 

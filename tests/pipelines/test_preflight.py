@@ -150,3 +150,19 @@ def test_check_prints_the_plan_and_exits_0_or_2(tmp_path):
     bad = _check(tmp_path, "train_lfm.num_workers=64")
     assert bad.returncode == 2 and "error: train_lfm.num_workers" in bad.stdout
     assert not (tmp_path / "root" / "data").exists()
+
+
+def test_a_vocoder_trained_on_other_mels_than_the_data_stops(tmp_path):
+    from lafma.config import ConfigError
+    from lafma.vocoder.hifigan import HiFiGANGenerator
+    from tests.published import write_audioldm_hifigan
+
+    shape = dict(rates=(5, 4, 2, 2, 2), kernels=(16, 16, 8, 4, 4), initial=32, rk=(3,), rd=((1, 3),))
+    voc = HiFiGANGenerator(upsample_rates=shape["rates"], upsample_kernel_sizes=shape["kernels"],
+                           upsample_initial_channel=32, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),))
+    ckpt = write_audioldm_hifigan(tmp_path / "hifigan_16k_64bins.ckpt", voc, **shape)  # its JSON: f_max 8000
+    cfg = _cfg(tmp_path, f"vocoder.pretrained={ckpt}", "mel.f_max=7000")
+    with pytest.raises(ConfigError, match="mel") as info:
+        run_dag(cfg, STAGES)
+    assert info.value.key == "vocoder.pretrained"
+    assert not (tmp_path / "root" / "data").exists()
