@@ -65,7 +65,7 @@ HELDOUT_SEED_STRIDE = 1_000_003
 
 @torch.no_grad()
 def heldout_fm_loss(velocity: Callable[..., Tensor], batches: Iterable[tuple[Tensor, Mapping[str, Tensor]]],
-                    path: OTPath, *, times: int) -> float:
+                    path: OTPath, *, times: int, frame_masks: Iterable[Tensor | None] | None = None) -> float:
     """The flow-matching loss with its randomness fixed, so two models scored on the same
     batches see exactly the same problems and differ only by their weights.
 
@@ -80,23 +80,36 @@ def heldout_fm_loss(velocity: Callable[..., Tensor], batches: Iterable[tuple[Ten
             (e.g. ``context`` (B, L, D), ``context_mask`` (B, L)).
         path: the probability path.
         times: number of t bins.
+        frame_masks: per batch, (B, T) bool over the latents' time axis (dim 2), True on frames
+            of real audio, or None; an item's error is then averaged over its real frames (the
+            padding of a short clip is no target, as in training).
 
     Returns:
         The mean over items and times of each item's mean squared error
-        ‖u_θ(x_t, t, c) − v‖² / numel(x1[i]).
+        ‖u_θ(x_t, t, c) − v‖² / numel(x1[i]) (over its real frames with a mask).
     """
     if times < 1:
         raise ValueError(f"times must be >= 1, got {times}")
     total, count, start = 0.0, 0, 0
+    masks = iter(frame_masks) if frame_masks is not None else None
     for x1, cond in batches:
         b = x1.shape[0]
+        mask = next(masks) if masks is not None else None
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing padded: exactly the unmasked score
         for k in range(times):
             t = torch.full((b,), (k + 0.5) / times, device=x1.device)
             g = torch.Generator().manual_seed(HELDOUT_SEED_STRIDE * k + start)
             x0 = torch.randn(x1.shape, generator=g).to(x1.device)  # drawn on the CPU: the same on any device
-            # Every item of a batch has as many elements, so the batch mean is the mean of the
-            # items' means: weight it by the batch size.
-            total += float(flow_matching_loss(velocity, x1, path, t=t, x0=x0, **cond)) * b
+            if mask is None:
+                # Every item of a batch has as many elements, so the batch mean is the mean of
+                # the items' means: weight it by the batch size.
+                total += float(flow_matching_loss(velocity, x1, path, t=t, x0=x0, **cond)) * b
+            else:
+                err = flow_matching_loss(velocity, x1, path, t=t, x0=x0, reduction="none", **cond)  # (B, C, T, …)
+                m = mask.to(err.device).reshape(b, 1, -1, *([1] * (err.dim() - 3))).expand_as(err)
+                per_item = torch.where(m, err, torch.zeros((), dtype=err.dtype, device=err.device)).flatten(1).sum(1)
+                total += float((per_item / m.flatten(1).sum(1).clamp_min(1)).sum())
             count += b
         start += b
     if count == 0:

@@ -34,7 +34,12 @@ HELDOUT_BATCH = 16
 
 def heldout_rows(latents_dir: str, n: int) -> tuple[pa.Table, str]:
     """Up to ``n`` rows of the held-out split (validation, else test), first by id."""
-    table = storage.read_parquet_dir(latents_dir, columns=["id", "split", "mean", *LATENT_DIMS, "emb", "length"])
+    from pipelines.train.data import parquet_columns
+
+    columns = ["id", "split", "mean", *LATENT_DIMS, "emb", "length"]
+    if "valid_frames" in parquet_columns(storage.list_files(latents_dir, ".parquet")[0]):
+        columns.append("valid_frames")  # absent from tables written before padding was masked
+    table = storage.read_parquet_dir(latents_dir, columns=columns)
     for split in ("validation", "test", "train"):
         part = table.filter(pc.equal(table.column("split"), split))
         if part.num_rows:
@@ -55,6 +60,18 @@ def heldout_batches(rows: pa.Table, cfg: LafmaConfig,
         x1 = x1 * cfg.vae.scale_factor  # the posterior mean: no sampling noise in the score
         ctx, mask = pad_embeddings([r["emb"] for r in part], [r["length"] for r in part], cfg.context_dim)
         yield x1.to(device), {"context": ctx.to(device), "context_mask": mask.to(device)}
+
+
+def heldout_frame_masks(rows: pa.Table) -> list[torch.Tensor] | None:
+    """Per :func:`heldout_batches` batch, (B, T') True on the latent frames of real audio; None
+    for a latents table without ``valid_frames`` (every frame real)."""
+    if "valid_frames" not in rows.column_names:
+        return None
+    from lafma.train.objectives import valid_mask
+
+    valid = rows.column("valid_frames").to_pylist()
+    frames = rows.column("latent_frames").to_pylist()
+    return [valid_mask(torch.as_tensor(valid[i : i + HELDOUT_BATCH]), frames[i]) for i in range(0, len(valid), HELDOUT_BATCH)]
 
 
 def packaged_model_uri(package_marker: dict) -> str:
@@ -100,8 +117,10 @@ class PackageStage(Stage):
             # The LFM's own config: it holds the latent scale it was trained with.
             unet_cfg = from_dict(LafmaConfig, model_sections(components["unet"]))
             batches = heldout_batches(rows, unet_cfg, next(pipe.unet.parameters()).device)
+            # Scored on the real frames only: a model that (rightly) never learned the padding
+            # of short clips is not charged for what it generates there.
             value = heldout_fm_loss(pipe.unet, batches, OTPath(unet_cfg.flow.sigma_min),
-                                    times=ctx.cfg.generate.gate_times)
+                                    times=ctx.cfg.generate.gate_times, frame_masks=heldout_frame_masks(rows))
             metric = PACKAGE_GATE_METRIC if split != "train" else "train/fm_loss"
             tags = {f"lafma.{k}": v for k, v in lineage.items()}
             tags |= {"lafma.mel_hash": manifest["mel_hash"], "lafma.config_hash": ctx.hashes.get("config", ""),

@@ -90,6 +90,25 @@ def test_heldout_loss_poses_the_same_problems_at_the_bin_midpoints_every_time():
         heldout_fm_loss(model(1.0), _batches(x1, 4), OTPath(), times=0)
 
 
+def test_heldout_loss_with_frame_masks_scores_the_real_frames_only():
+    # Latents (B, C, T, F): the field is exact on the first 3 of 6 frames and zero on the rest.
+    x1 = torch.randn(8, 2, 6, 4, generator=torch.Generator().manual_seed(6))
+
+    def half_exact(x, t, data):
+        tt = t[:, None, None, None]
+        v = data - (x - tt * data) / (1 - tt)
+        return torch.cat([v[:, :, :3], torch.zeros_like(v[:, :, 3:])], dim=2)
+
+    batches = _batches(x1, 4)
+    real = torch.arange(6) < 3
+    masks = [real.expand(4, 6)] * 2
+    assert heldout_fm_loss(half_exact, batches, OTPath(), times=2, frame_masks=masks) < 1e-10
+    assert heldout_fm_loss(half_exact, batches, OTPath(), times=2) > 0.5  # the padding counted
+    full = [torch.ones(4, 6, dtype=torch.bool)] * 2  # nothing padded: exactly the unmasked score
+    assert heldout_fm_loss(half_exact, batches, OTPath(), times=2, frame_masks=full) == \
+        heldout_fm_loss(half_exact, batches, OTPath(), times=2)
+
+
 ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 
 
