@@ -136,6 +136,8 @@ def test_the_switch_is_hashed_only_where_the_data_has_padding(tmp_path):
     # Padded clips: a masked job is another training than an unmasked one (which is the old one).
     assert keys(3) != keys(0)
     assert keys(3, "train_vae.mask_padding=false", "train_lfm.mask_padding=false") == keys(0)
+    # The flow model learns the padding by default (it has no duration to stop at); masked on request.
+    assert keys(3)[1] == keys(0)[1] and keys(3, "train_lfm.mask_padding=true")[1] != keys(3)[1]
 
 
 # --------------------------------------------------------------------------- the three losses
