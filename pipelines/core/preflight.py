@@ -347,6 +347,8 @@ def _probe_audio(rows: list[dict], ctx: StageContext) -> list[Finding]:
                 missing.append(uri)
                 continue
             fs, path = storage.fs_and_path(uri)
+            if fs.info(path).get("type") != "file":
+                continue  # a FIFO or device would block the read: the audio stage rejects it
             with fs.open(path, "rb") as f:
                 rates.append(sf.info(f).samplerate)
         except Exception:  # noqa: BLE001 — unreadable files are the audio stage's rejects, not a preflight stop

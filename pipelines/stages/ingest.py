@@ -63,10 +63,15 @@ def _parsed(uri: str, digest: str, d: DataConfig) -> Manifest:
                          max_caption_chars=d.max_caption_chars)
 
 
+def _absolute(uri: str) -> str:
+    """A local manifest by its absolute path (one cache entry for key() and run())."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def split_manifest(uri: str, d: DataConfig, digest: str | None = None) -> tuple[Manifest, SplitReport]:
     """The manifest's rows with every row's split decided (:mod:`lafma.data.splits`). A local
     manifest is read by its absolute path, so the audio paths it resolves work from any worker."""
-    uri = uri if "://" in uri else os.path.abspath(uri)
+    uri = _absolute(uri)
     m = copy.deepcopy(_parsed(uri, digest or manifest_digest(uri), d))
     if d.splits == "hash":
         for r in m.rows:
@@ -76,7 +81,7 @@ def split_manifest(uri: str, d: DataConfig, digest: str | None = None) -> tuple[
 
 def draws_splits(uri: str, d: DataConfig, digest: str) -> bool:
     """Whether any split comes from the hash draw (then its settings are part of the key)."""
-    return d.splits == "hash" or any(not r["split"] for r in _parsed(uri, digest, d).rows)
+    return d.splits == "hash" or any(not r["split"] for r in _parsed(_absolute(uri), digest, d).rows)
 
 
 def held_out_problem(report: SplitReport, d: DataConfig) -> tuple[str, str] | None:

@@ -166,3 +166,12 @@ def test_a_vocoder_trained_on_other_mels_than_the_data_stops(tmp_path):
         run_dag(cfg, STAGES)
     assert info.value.key == "vocoder.pretrained"
     assert not (tmp_path / "root" / "data").exists()
+
+
+def test_a_fifo_among_the_probed_audio_does_not_hang_the_preflight(tmp_path):
+    manifest = _manifest(tmp_path / "in", n=2)
+    os.mkfifo(tmp_path / "in" / "audio" / "fifo.wav")  # opening it to read would block forever
+    with manifest.open("a") as f:
+        f.write("audio/fifo.wav,a pipe\n")
+    pf = check_dag(_cfg(tmp_path, f"data.manifest={manifest}", "data.heldout_min=0"), STAGES, until="audio")
+    assert pf.ok
