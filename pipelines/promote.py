@@ -3,7 +3,11 @@
     python pipelines/promote.py --version 7 --reason "listening test: fewer artefacts"
     python pipelines/promote.py --gate                       # the metric gate, as the pipeline runs it
     python pipelines/promote.py --rollback --reason "v7 clips at the end"
-    python pipelines/promote.py --show                       # versions, aliases, gate metrics
+    python pipelines/promote.py --show                       # versions, aliases, gate metrics, stack
+
+``--gate`` prints ``v<N> <outcome>: <reason>``, the outcome one of ``promoted``, ``kept``,
+``not_comparable``, ``already_champion``, ``nan`` (see :class:`pipelines.core.registry.Decision`).
+Each ``--rollback`` goes one version further down the champion stack.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ def show(root: str) -> str:
         lines.append(f"{v.version:>8}  {','.join(v.aliases):<20} {t.get(registry.GATE_METRIC_TAG, ''):<20} "
                      f"{float(t.get(registry.GATE_VALUE_TAG, 'nan')):>10.5g}  "
                      f"{t.get('lafma.promoted_by', '')} {t.get('lafma.promoted_reason', '')}".rstrip())
-    return "\n".join(lines)
+    return "\n".join([*lines, _stack_line(root)])
+
+
+def _stack_line(root: str) -> str:
+    stack = registry.champion_stack(root=root)
+    if not stack:
+        return "champion stack: empty (no champion)"
+    below = f"rollback returns to v{stack[-2]}" if len(stack) > 1 else "nothing to roll back to"
+    return f"champion stack (oldest first): {' > '.join(f'v{v}' for v in stack)} ({below})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--version", help="make this version the champion, whatever its metric")
     what.add_argument("--gate", action="store_true", help="promote the candidate only if it beats the champion")
-    what.add_argument("--rollback", action="store_true", help="give champion back to the version it replaced")
-    what.add_argument("--show", action="store_true", help="list versions, aliases and gate metrics")
+    what.add_argument("--rollback", action="store_true", help="give champion back to the version it replaced "
+                      "(again: one further back)")
+    what.add_argument("--show", action="store_true", help="list versions, aliases, gate metrics and the champion stack")
     p.add_argument("--reason", default="", help="why (recorded on the version; required by hand)")
     p.add_argument("--by", default=getpass.getuser(), help="who (recorded; default: the current user)")
     p.add_argument("--root", default=StorageConfig().root, help="storage root of the MLflow store (default: .lafma)")
@@ -51,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             print(show(root))
         elif args.gate:
             d = registry.gate(root=root)
-            print(f"v{d.candidate}: {'promoted to champion' if d.promoted else 'not promoted'} ({d.reason})")
+            print(f"v{d.candidate} {d.outcome}: {d.reason}")
         elif args.rollback:
             v = registry.rollback(root=root, reason=args.reason, by=args.by)
             print(f"champion -> v{v} (rolled back by {args.by}: {args.reason})")

@@ -7,7 +7,9 @@ that small file instead of unpickling an object.
 
 Aliases, not stages (MLflow 3): every new version becomes ``candidate``; ``champion`` moves
 only through :func:`gate` (the candidate's gate metric must beat the champion's) or by hand
-through :func:`promote` / :func:`rollback`, which record who and why as version tags.
+through :func:`promote` / :func:`rollback`, which record who and why as version tags. Every
+promotion is pushed onto a champion stack (a registered-model tag) that rollback pops, so
+rolling back twice goes two versions back; an append-only log beside it keeps every move.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 import numpy as np
@@ -129,13 +131,25 @@ def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                               "safetensors", "transformers", "torchaudio", "soundfile"])
     version = str(info.registered_model_version)
+    mark_candidate(version, root=root, gate_metric=gate_metric, gate_value=gate_value,
+                   lower_is_better=lower_is_better, tags={**(tags or {}), "lafma.run_id": run_id})
+    return Registered(version, f"models:/{MODEL_NAME}/{version}")
+
+
+def gate_tags(metric: str, value: float, lower_is_better: bool = True) -> dict[str, str]:
+    """The version tags that carry a gate metric (what :func:`gate` compares)."""
+    return {GATE_METRIC_TAG: metric, GATE_VALUE_TAG: repr(float(value)),
+            GATE_MODE_TAG: "min" if lower_is_better else "max"}
+
+
+def mark_candidate(version: str, *, root: str, gate_metric: str, gate_value: float, lower_is_better: bool = True,
+                   tags: Mapping[str, Any] | None = None) -> None:
+    """Tag an existing version of ``lafma`` with ``tags`` and its gate metric, and point
+    ``candidate`` at it (the last step of :func:`register`)."""
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    all_tags = {**(tags or {}), GATE_METRIC_TAG: gate_metric, GATE_VALUE_TAG: repr(float(gate_value)),
-                GATE_MODE_TAG: "min" if lower_is_better else "max", "lafma.run_id": run_id}
-    for k, v in all_tags.items():
+    for k, v in {**(tags or {}), **gate_tags(gate_metric, gate_value, lower_is_better)}.items():
         client.set_model_version_tag(MODEL_NAME, version, k, str(v))
     client.set_registered_model_alias(MODEL_NAME, CANDIDATE, version)
-    return Registered(version, f"models:/{MODEL_NAME}/{version}")
 
 
 def register_imported(bundle_dir: str, *, root: str, sources: Mapping[str, Mapping[str, Any]]) -> Registered:
@@ -163,88 +177,268 @@ def register_imported(bundle_dir: str, *, root: str, sources: Mapping[str, Mappi
 def set_gate(version: str, *, root: str, metric: str, value: float, lower_is_better: bool = True) -> None:
     """Replace a version's gate metric (the evaluation stage's, once it has measured one)."""
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    for k, v in {GATE_METRIC_TAG: metric, GATE_VALUE_TAG: repr(float(value)), GATE_MODE_TAG: "min" if lower_is_better else "max"}.items():
+    for k, v in gate_tags(metric, value, lower_is_better).items():
         client.set_model_version_tag(MODEL_NAME, version, k, v)
 
 
 def _alias_version(client, alias: str):
+    """The version ``alias`` points at, or None when no version holds it (or ``lafma`` does not
+    exist). Any other error (a server that cannot be reached) propagates: "no champion" must
+    never be a guess, or the gate would promote anything."""
     try:
-        return client.get_model_version_by_alias(MODEL_NAME, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
+        model = client.get_registered_model(MODEL_NAME)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = model.aliases.get(alias)
+    return client.get_model_version(MODEL_NAME, str(version)) if version is not None else None
 
 
-@dataclass
+# ---- the gate ------------------------------------------------------------------------------
+
+GATE_MODES = ("min", "max")  # "min": lower is better (e.g. FD); "max": higher is better
+# What the gate did, for machines (the reason says it for people). "no champion yet" is
+# "promoted": the first measured version always becomes champion.
+Outcome = Literal["promoted", "kept", "not_comparable", "already_champion", "nan"]
+
+
+@dataclass(frozen=True)
 class Decision:
-    promoted: bool
+    """What :func:`gate` decided about one version.
+
+    Attributes:
+        outcome: ``"promoted"`` (it beat the champion, the champion had no value, or there was
+            none), ``"kept"`` (it did not beat the champion; a tie keeps the champion),
+            ``"not_comparable"`` (gated on another metric or direction), ``"already_champion"``,
+            ``"nan"`` (the candidate has no finite gate value).
+        reason: the same decision in words, with the numbers compared.
+        candidate: the version gated.
+        champion: the champion before the decision, or None.
+    """
+
+    outcome: Outcome
     reason: str
     candidate: str
-    champion: str | None  # the champion before the decision
+    champion: str | None
+
+    @property
+    def promoted(self) -> bool:
+        return self.outcome == "promoted"
+
+
+@dataclass(frozen=True)
+class _Gate:
+    metric: str | None
+    value: float  # NaN when missing, unreadable or not finite: nothing to compare
+    mode: str | None
+    text: str  # the tag as stored, for the reason
+
+
+def _gate_of(version) -> _Gate:
+    text = version.tags.get(GATE_VALUE_TAG, "nan")
+    try:
+        value = float(text)
+    except ValueError:  # a tag edited by hand
+        value = math.nan
+    # An infinite FD (a diverged evaluation) is no measurement either; as a "max" score it
+    # would beat everything forever.
+    return _Gate(version.tags.get(GATE_METRIC_TAG), value if math.isfinite(value) else math.nan,
+                 version.tags.get(GATE_MODE_TAG), text)
+
+
+def _pair(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` to 6 significant digits, or in full where those would look equal."""
+    short = f"{a:.6g}", f"{b:.6g}"
+    return short if short[0] != short[1] or a == b else (repr(a), repr(b))
+
+
+def _judge(cand, champ) -> tuple[Outcome, str]:
+    """The gate's verdict on model version ``cand`` against the champion version ``champ``."""
+    c = _gate_of(cand)
+    if champ is not None and str(champ.version) == str(cand.version):
+        return "already_champion", f"version {cand.version} is already the champion"
+    if math.isnan(c.value):
+        return "nan", (f"version {cand.version} has no {c.metric or 'gate'} value ({c.text}; imported, not "
+                       "evaluated or diverged): evaluate it, or promote by hand (pipelines/promote.py)")
+    if c.mode not in GATE_MODES:
+        return "not_comparable", (f"version {cand.version} has gate mode {c.mode!r}, not one of {GATE_MODES}: "
+                                  "nothing says which direction is better")
+    if champ is None:
+        return "promoted", f"no champion yet; {c.metric} = {c.value:.6g}"
+    h = _gate_of(champ)
+    if math.isnan(h.value):
+        # An imported (or never evaluated) champion promoted by hand cannot stay against a
+        # measured candidate: keeping it would mean "no number beats no number".
+        return "promoted", (f"champion v{champ.version} has no gate value ({h.text}), so it does not stay "
+                            f"against a measured candidate; {c.metric} = {c.value:.6g}")
+    if (h.metric, h.mode) != (c.metric, c.mode):
+        return "not_comparable", (f"champion v{champ.version} is gated on {h.metric!r} ({h.mode}), candidate on "
+                                  f"{c.metric!r} ({c.mode}): not comparable; promote by hand "
+                                  "(pipelines/promote.py) if intended")
+    better = c.value < h.value if c.mode == "min" else c.value > h.value  # a tie keeps the champion
+    mine, theirs = _pair(c.value, h.value)
+    verb = "beats" if better else ("ties" if c.value == h.value else "does not beat")
+    return ("promoted" if better else "kept"), (
+        f"{c.metric}: candidate {mine} {verb} champion v{champ.version} {theirs} "
+        f"({'lower' if c.mode == 'min' else 'higher'} is better{'; a tie keeps the champion' if verb == 'ties' else ''})")
 
 
 def gate(*, root: str, version: str | None = None) -> Decision:
     """Move ``champion`` to ``version`` (default: the ``candidate``) only if its gate metric beats
-    the current champion's. Versions gated on different metrics are not compared: the champion
-    stays, and the reason says so."""
+    the current champion's (:class:`Decision` lists every outcome). A version without a finite
+    value is never promoted; a champion without one is replaced by any measured candidate.
+
+    Raises:
+        ValueError: no ``version`` given and no ``candidate`` alias.
+    """
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
     cand = client.get_model_version(MODEL_NAME, version) if version else _alias_version(client, CANDIDATE)
     if cand is None:
         raise ValueError(f"no {CANDIDATE!r} version of {MODEL_NAME!r} to gate")
     champ = _alias_version(client, CHAMPION)
-    metric, value, mode = cand.tags.get(GATE_METRIC_TAG), float(cand.tags.get(GATE_VALUE_TAG, "nan")), cand.tags.get(GATE_MODE_TAG)
-    cand_v, champ_v = str(cand.version), (str(champ.version) if champ else None)
-    if math.isnan(value):
-        return Decision(False, f"version {cand_v} has no {metric or 'gate'} value (imported or not evaluated): "
-                               "evaluate it, or promote by hand (pipelines/promote.py)", cand_v, champ_v)
-    if champ is None:
-        ok, why = True, f"no champion yet; {metric} = {value:.6g}"
-    elif champ_v == cand_v:
-        return Decision(False, f"version {cand_v} is already the champion", cand_v, champ_v)
-    elif math.isnan(float(champ.tags.get(GATE_VALUE_TAG, "nan"))):
-        # An imported (or never evaluated) champion promoted by hand has nothing to compare.
-        ok, why = True, f"champion v{champ.version} has no gate value; {metric} = {value:.6g}"
-    elif champ.tags.get(GATE_METRIC_TAG) != metric:
-        ok, why = False, (f"champion v{champ.version} is gated on {champ.tags.get(GATE_METRIC_TAG)!r}, candidate on "
-                          f"{metric!r}: not comparable; promote by hand (pipelines/promote.py) if intended")
-    else:
-        best = float(champ.tags.get(GATE_VALUE_TAG, "nan"))
-        ok = bool(value < best if mode == "min" else value > best)  # NaN never wins
-        why = (f"{metric}: candidate {value:.6g} {'beats' if ok else 'does not beat'} champion v{champ.version} "
-               f"{best:.6g} ({'lower' if mode == 'min' else 'higher'} is better)")
-    if ok:
-        promote(cand_v, root=root, reason=f"gate: {why}", by="gate")
-    return Decision(ok, why, cand_v, champ_v)
+    outcome, why = _judge(cand, champ)
+    if outcome == "promoted":
+        promote(str(cand.version), root=root, reason=f"gate: {why}", by="gate")
+    return Decision(outcome, why, str(cand.version), str(champ.version) if champ else None)
+
+
+# ---- champion history: a stack to replay, a log to read -------------------------------------
+
+# Registered-model tags. The stack lists the champions that each replaced the one before it,
+# oldest first; its top is the champion, and rollback pops it. The log is every move ever made.
+STACK_TAG, HISTORY_TAG = "lafma.champion_stack", "lafma.champion_history"
+# MLflow's SQL stores hold a registered-model tag in VARCHAR(5000) (sqlite ignores the length,
+# PostgreSQL and MySQL refuse more): both lists drop their oldest entries to fit.
+_MODEL_TAG_CHARS = 5000
+_LOG_REASON_CHARS = 300  # the full reason is on the version's own tags
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _read_list(client, key: str) -> list:
+    text = client.get_registered_model(MODEL_NAME).tags.get(key, "[]")
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError:
+        entries = None
+    if not isinstance(entries, list):
+        raise ValueError(f"registered-model tag {key!r} of {MODEL_NAME!r} is not a JSON list ({text[:80]!r}): "
+                         "fix or delete it in the MLflow UI")
+    return entries
+
+
+def _write_list(client, key: str, entries: list) -> None:
+    while len(text := json.dumps(entries)) > _MODEL_TAG_CHARS:
+        entries = entries[1:]
+    client.set_registered_model_tag(MODEL_NAME, key, text)
+
+
+def _log(client, entry: dict) -> None:
+    """Append ``entry`` (action, version, from, by, at, reason) to the champion log."""
+    reason = entry["reason"]
+    entry = {**entry, "reason": reason if len(reason) <= _LOG_REASON_CHARS else reason[:_LOG_REASON_CHARS - 1] + "…"}
+    _write_list(client, HISTORY_TAG, _read_list(client, HISTORY_TAG) + [entry])
+
+
+def _replayable(stack: list[str], champion: str | None) -> list[str]:
+    """The part of ``stack`` that leads to ``champion``: the alias is the truth, the stack only
+    its record. If the alias was moved by hand (the MLflow UI) to a version lower on the stack,
+    that was a rollback, and the stack is cut there; to a version not on it, nothing is known
+    of what it replaced, and the stack starts again from it; removed, there is no champion to
+    return to, and the next promotion starts a new stack."""
+    if champion is None:
+        return []
+    if champion not in stack:
+        return [champion]
+    top = len(stack) - 1 - stack[::-1].index(champion)
+    return stack[: top + 1]
+
+
+def champion_stack(*, root: str) -> list[str]:
+    """The versions :func:`rollback` would replay, oldest first; the last is the champion."""
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    champ = _alias_version(client, CHAMPION)
+    return _replayable(_read_list(client, STACK_TAG), str(champ.version)) if champ else []
+
+
+def _tag_version(client, version: str, tags: Mapping[str, str]) -> None:
+    for k, v in tags.items():
+        client.set_model_version_tag(MODEL_NAME, version, k, v)
 
 
 def promote(version: str, *, root: str, reason: str, by: str | None = None) -> str | None:
-    """Point ``champion`` at ``version``; record who, why, when and the previous champion as
-    tags of the version. Returns the previous champion's version."""
+    """Point ``champion`` at ``version`` and push it onto the champion stack; record who, why,
+    when and the previous champion as tags of the version, and in the champion log.
+
+    Returns:
+        The previous champion's version, or None.
+
+    Raises:
+        MlflowException: ``version`` does not exist.
+        ValueError: ``version`` is already the champion.
+    """
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
-    client.get_model_version(MODEL_NAME, version)  # raises if it does not exist
+    version = str(client.get_model_version(MODEL_NAME, version).version)  # raises if it does not exist
     prev = _alias_version(client, CHAMPION)
+    prev_v = str(prev.version) if prev else None
+    if prev_v == version:
+        raise ValueError(f"version {version} is already the champion")
+    # The stack first: if moving the alias then fails, the stack's top is not the alias, and
+    # _replayable cuts it back to the truth on the next move.
+    _write_list(client, STACK_TAG, _replayable(_read_list(client, STACK_TAG), prev_v) + [version])
     client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    record = {"lafma.promoted_by": by or getpass.getuser(), "lafma.promoted_reason": reason,
-              "lafma.promoted_at": now, "lafma.previous_champion": str(prev.version) if prev else ""}
-    for k, v in record.items():
-        client.set_model_version_tag(MODEL_NAME, version, k, v)
-    history = json.loads(client.get_registered_model(MODEL_NAME).tags.get("lafma.champion_history", "[]"))
-    history = (history + [{"version": version, "by": record["lafma.promoted_by"], "at": now, "reason": reason}])[-50:]
-    client.set_registered_model_tag(MODEL_NAME, "lafma.champion_history", json.dumps(history))
-    return str(prev.version) if prev else None
+    who, now = by or getpass.getuser(), _now()
+    _tag_version(client, version, {"lafma.promoted_by": who, "lafma.promoted_reason": reason,
+                                   "lafma.promoted_at": now, "lafma.previous_champion": prev_v or ""})
+    _log(client, {"action": "promote", "version": version, "from": prev_v, "by": who, "at": now, "reason": reason})
+    return prev_v
+
+
+def _nothing_below(champion: str, recorded: list[str]) -> str:
+    if champion in recorded:
+        return f"champion v{champion} replaced no earlier version; nothing to roll back to"
+    return (f"champion v{champion} is not on the champion stack {recorded} (its alias was moved outside "
+            "pipelines/promote.py and the gate, e.g. in the MLflow UI, or before the stack was kept), so what it "
+            "replaced is unknown; nothing to roll back to: promote the version you want with --version")
 
 
 def rollback(*, root: str, reason: str, by: str | None = None) -> str:
-    """Move ``champion`` back to the version it replaced; returns that version."""
+    """Pop the champion off the champion stack and give ``champion`` back to the version below.
+
+    The version returned to keeps its promotion tags; the rollback is recorded beside them
+    (``lafma.rolled_back_from``, ``_by``, ``_reason``, ``_at``) and in the champion log. Rolling
+    back again goes one further down, until the stack's bottom.
+
+    Returns:
+        The version that is champion now.
+
+    Raises:
+        ValueError: no champion, nothing below it on the stack, or that version was deleted.
+    """
     client = mlflow.MlflowClient(tracking.tracking_uri(root))
     champ = _alias_version(client, CHAMPION)
     if champ is None:
         raise ValueError("there is no champion to roll back")
-    prev = champ.tags.get("lafma.previous_champion")
-    if not prev:
-        raise ValueError(f"champion v{champ.version} replaced no earlier version; nothing to roll back to")
-    promote(prev, root=root, reason=f"rollback from v{champ.version}: {reason}", by=by)
-    return str(prev)
+    champ_v, recorded = str(champ.version), _read_list(client, STACK_TAG)
+    stack = _replayable(recorded, champ_v)
+    if len(stack) < 2:
+        raise ValueError(_nothing_below(champ_v, recorded))
+    target = stack[-2]
+    try:
+        client.get_model_version(MODEL_NAME, target)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"cannot roll back from v{champ_v}: v{target}, below it on the champion stack, "
+                         f"no longer exists ({e.message})") from e
+    _write_list(client, STACK_TAG, stack[:-1])
+    client.set_registered_model_alias(MODEL_NAME, CHAMPION, target)
+    who, now = by or getpass.getuser(), _now()
+    _tag_version(client, target, {"lafma.rolled_back_from": champ_v, "lafma.rolled_back_by": who,
+                                  "lafma.rolled_back_reason": reason, "lafma.rolled_back_at": now})
+    _log(client, {"action": "rollback", "version": target, "from": champ_v, "by": who, "at": now, "reason": reason})
+    return target
 
 
 def _bundle_artifact(uri: str, *, root: str) -> str:
