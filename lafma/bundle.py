@@ -12,11 +12,14 @@ Every ``.safetensors`` file carries the hash of the mel config it was trained on
 metadata (written by the training export). :func:`load_bundle` refuses a bundle whose
 components disagree, so a vocoder trained on other mels cannot be paired with a VAE by
 mistake, whoever copied the files. Weights are read with safetensors only: nothing in a
-bundle is unpickled.
+bundle is unpickled. Every component loads strictly: the UNet, VAE and vocoder with
+``load_state_dict(strict=True)``, a bundled text encoder checked against its files
+(:func:`check_text_weights`).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -176,6 +179,44 @@ def check_bundle(path: str) -> dict:
     return manifest
 
 
+def check_text_weights(directory: str, model: torch.nn.Module) -> None:
+    """Raise :class:`BundleError` unless ``model`` holds exactly the weights of the
+    ``save_pretrained`` directory it was loaded from: its strict load.
+
+    ``transformers`` fills a tensor missing from the files with a fresh random one and only
+    says so in its log, so a bundled encoder with a truncated or foreign weight file would load
+    and embed captions as no LFM was trained on. A key of the model may be absent from the files
+    only as a tied copy of one they hold (T5's ``encoder.embed_tokens`` is ``shared``); a key of
+    the files may be absent from the model only as one of its non-persistent buffers (BERT's
+    ``position_ids``).
+    """
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise BundleError(f"{directory}: the bundled text encoder has no safetensors weights")
+    own = model.state_dict(keep_vars=True)
+    buffers = {name for name, _ in model.named_buffers()}
+    stored: set[str] = set()
+    storage_of = {k: v.untyped_storage().data_ptr() for k, v in own.items()}
+    bad: dict[str, str] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for k in f.keys():
+                stored.add(k)
+                if k not in own:
+                    if k not in buffers:
+                        bad[k] = "not in the model"
+                    continue
+                t, mine = f.get_tensor(k), own[k].detach()
+                if t.shape != mine.shape or not torch.equal(t.to(mine.dtype), mine):
+                    bad[k] = "differs from the file"
+    loaded = {storage_of[k] for k in stored if k in own}
+    bad |= {k: "missing from the files" for k in own if k not in stored and storage_of[k] not in loaded}
+    if bad:
+        listed = ", ".join(f"{k} ({why})" for k, why in sorted(bad.items())[:8])
+        raise BundleError(f"{directory}: the bundled text encoder does not load strictly: {listed}"
+                          f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}")
+
+
 def load_bundle(path: str, device: str | torch.device = "cpu") -> LafmaPipeline:
     """The :class:`LafmaPipeline` a bundle describes, on ``device``, after :func:`check_bundle`."""
     manifest = check_bundle(path)
@@ -190,8 +231,11 @@ def load_bundle(path: str, device: str | torch.device = "cpu") -> LafmaPipeline:
         # context width is read from it when the config leaves the width to the encoder.
         cfg = from_dict(LafmaConfig, {**base, **entry["config"], "text": text})
         module = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}[c](cfg)
-        module.load_state_dict(load_file(os.path.join(path, entry["file"])))
+        module.load_state_dict(load_file(os.path.join(path, entry["file"])), strict=True)
         built[c] = module
     cfg = from_dict(LafmaConfig, {**base, "text": text})
-    pipe = build_pipeline(cfg, text_encoder=build_text_encoder(cfg.text), **built)
+    encoder = build_text_encoder(cfg.text)
+    if manifest["text_encoder"].get("bundled"):
+        check_text_weights(text["name_or_path"], encoder.model)
+    pipe = build_pipeline(cfg, text_encoder=encoder, **built)
     return pipe.to(device)

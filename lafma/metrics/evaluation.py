@@ -60,10 +60,13 @@ class Scores:
     Attributes:
         metrics: flat metric names (see the module docstring) → values.
         text_audio_per_clip: (N,) the text-audio score of each generated clip.
+        halves: the row indices of the two halves ``eval/fd_half`` (generated rows of the
+            first against real rows of the second) and ``ref/real_vs_real/fd`` compare.
     """
 
     metrics: dict[str, float]
     text_audio_per_clip: np.ndarray
+    halves: tuple[np.ndarray, np.ndarray]
 
 
 def halves(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,4 +128,4 @@ def score_generations(real: Embedded, generated: Embedded, *, train: np.ndarray,
         for name, v in on_gen.items():
             attrs |= {f"attr/{name}/accuracy": v["accuracy"], f"attr/{name}/chance": v["chance"],
                       f"attr/{name}/real_accuracy": on_real[name]["accuracy"]}
-    return Scores(metrics | refs | attrs, per_clip)
+    return Scores(metrics | refs | attrs, per_clip, (a, b))

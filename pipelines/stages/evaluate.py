@@ -6,6 +6,12 @@ weights). Reference rows make the scale readable: real vs real (two halves of th
 set), the vocoder's rendering of real mels, and the VAE + vocoder round trip of real mels.
 A spectrogram sheet puts a few held-out captions' generated clips beside a real clip of each
 caption and that clip's VAE + vocoder round trip.
+
+What a reader needs to recompute every number stays in the stage's output: the generated
+clips (``generated/manifest.parquet``: id → wav), and ``metrics.json``, which beside the
+metrics records the held-out ids in the order every paired set was scored (row i of the
+generated, the real and the caption sets is clip ``ids[i]``) and the ids of the two halves
+``eval/fd_half`` and ``ref/real_vs_real/fd`` compare.
 """
 
 from __future__ import annotations
@@ -155,6 +161,21 @@ def attribute_names(train: list[dict]) -> list[str]:
     return sorted(k for k, vs in values.items() if None not in vs and 2 <= len(vs) <= len(train) / MIN_CLIPS_PER_CLASS)
 
 
+def log_table(client, run_id: str, table, artifact_file: str) -> None:
+    """``client.log_table``, replacing the table if the run has it already.
+
+    MLflow appends to a table logged before under the same name; a re-run of the stage (after
+    a kill, it logs into the same run) would then list every clip twice. The second time the
+    file is overwritten in MLflow's own format (``to_json(orient="split")``), and stays the
+    table the first call registered.
+    """
+    folder = os.path.dirname(artifact_file) or None
+    if artifact_file not in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_table(run_id, table, artifact_file)
+        return
+    client.log_text(run_id, table.to_json(orient="split", index=False, date_format="iso"), artifact_file)
+
+
 class EvaluateStage(Stage):
     """Generate the held-out captions with the candidate, score them against the held-out real
     audio (see the module docstring) and hand the gate metric to the registry."""
@@ -202,7 +223,7 @@ class EvaluateStage(Stage):
                           lower_is_better=e.gate_metric not in HIGHER_IS_BETTER)
         sheet = storage.join(out_dir, "spectrograms.png")
         storage.write_bytes(sheet, png := spectrogram_sheet(cfg.mel, held, gen, roundtrip))
-        self._log(ctx, held, gen, scores.text_audio_per_clip, flat, embedder, sweep, out_dir, png)
+        self._log(ctx, held, gen, scores, flat, embedder, sweep, out_dir, png)
         print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
         return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
                 "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep,
@@ -278,14 +299,19 @@ class EvaluateStage(Stage):
             print(f"[evaluate] {steps} steps: fd {out[steps]['fd']:.4g}, {seconds:.3f} s/clip", flush=True)
         return out
 
-    def _log(self, ctx, held, gen, per_clip_ta, flat, embedder, sweep, out_dir, sheet_png) -> None:
+    def _log(self, ctx, held, gen, scores, flat, embedder, sweep, out_dir, sheet_png) -> None:
         import pandas as pd
         from mlflow import MlflowClient
 
         from pipelines.core.tracking import RunLogger, tracking_uri
 
-        storage.write_json(storage.join(out_dir, "metrics.json"), {"metrics": flat, "sweep": sweep,
-                                                                   "embedder": embedder.describe()})
+        ids = [c["id"] for c in held]
+        first, second = scores.halves
+        storage.write_json(storage.join(out_dir, "metrics.json"), {
+            "metrics": flat, "sweep": sweep, "embedder": embedder.describe(), "ids": ids,
+            # eval/fd_half: generated clips of "first" against real clips of "second";
+            # ref/real_vs_real/fd: real clips of "first" against real clips of "second".
+            "halves": {"first": [ids[i] for i in first], "second": [ids[i] for i in second]}})
         run_id = ctx.run_ids.get(self.name)
         logger = RunLogger(run_id, tracking=tracking_uri(ctx.root))
         if not logger.enabled:
@@ -298,9 +324,9 @@ class EvaluateStage(Stage):
         audio = [f"eval/generated/{safe_name(c['id'])}.wav" if i < LOGGED_CLIPS else
                  storage.join(out_dir, "generated", "wavs", f"{safe_name(c['id'])}.wav") for i, c in enumerate(held)]
         table = pd.DataFrame({"id": [c["id"] for c in held], "caption": [c["caption"] for c in held],
-                              "split": [c["split"] for c in held], "text_audio": per_clip_ta.astype(float),
+                              "split": [c["split"] for c in held], "text_audio": scores.text_audio_per_clip.astype(float),
                               "audio": audio})
-        MlflowClient(tracking_uri(ctx.root)).log_table(run_id, table, "eval/clips.json")
+        log_table(MlflowClient(tracking_uri(ctx.root)), run_id, table, "eval/clips.json")
         for path, wav in list(zip(audio, gen))[:LOGGED_CLIPS]:
             logger.log_audio(wav, ctx.cfg.mel.sample_rate, path)
         if sweep:
