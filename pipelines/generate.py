@@ -2,8 +2,11 @@
 
 FILE is txt (one caption per line), csv, jsonl or Parquet with a ``caption`` column and
 optional ``id``, ``seed``, ``steps``, ``guidance``, ``solver``, ``duration``; local or s3://.
-Writes ``DIR/wavs/*.wav``, ``DIR/manifest.{parquet,csv}`` and ``DIR/rejects/``. Re-running
-an interrupted job generates only what is missing.
+Writes ``DIR/plan.json``, ``DIR/wavs/*.wav``, ``DIR/manifest.{parquet,csv}`` (with each clip's
+``model_version``: ``--model`` resolved, an alias to its version number) and ``DIR/rejects/``.
+Re-running an interrupted job generates only what is missing; re-running into a DIR planned
+otherwise (another model version, edited captions, other settings) stops with exit code 2 and
+says what changed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
+from lafma.config import ConfigError  # noqa: E402
 from lafma.flow.solvers import METHODS  # noqa: E402
 from pipelines.config import StorageConfig  # noqa: E402
 from pipelines.core import storage  # noqa: E402
@@ -52,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = GenerationSettings(model=args.model, steps=args.steps, guidance=args.guidance, solver=args.solver,
                                   duration=args.duration, seed=args.seed, batch_size=args.batch_size,
                                   actors=args.actors, actor_cpus=args.actor_cpus, actor_gpus=gpus)
-    summary = run_generation(args.captions, out, settings, root=root)
+    try:
+        summary = run_generation(args.captions, out, settings, root=root)
+    except ConfigError as e:  # another plan in --out, an unknown model: one line, no traceback
+        print(f"generate: {e}", file=sys.stderr)
+        return 2
     print(f"{summary['rows']} clips in {out}/wavs; manifest {out}/manifest.csv; "
           f"{summary['rejected']} rejected {summary['reasons'] or ''}".rstrip())
     return 0

@@ -2,26 +2,36 @@
 
 Layout of ``out``::
 
+    plan.json                       what the job is: the resolved model, the job's settings and
+                                    a hash of every planned row (written before any wav)
     wavs/<name>.wav                 one per good row (``name``: a sanitised, unique file stem)
     parts/shard-00000.parquet       the manifest rows of one shard, written after its wavs
     rejects/plan.parquet            rows refused before generation, with the reason
     manifest.parquet, manifest.csv  every generated row: id, caption, seed, steps, guidance,
-                                    solver, nfe, duration, path, seconds
-    _SUCCESS.json                   totals, throughput, real-time factor
+                                    solver, nfe, duration, path, seconds, model_version
+    _SUCCESS.json                   totals, throughput, real-time factor, the resolved model
 
 Rows are cut into deterministic shards; a shard's manifest part is written after its wavs,
 so a re-run generates only shards without a part (at most one batch per actor is redone
-after a crash) and no row appears twice.
+after a crash) and no row appears twice. A re-run resumes only under the plan that made
+the finished parts: another model (an alias that moved, too), other rows or other settings
+stop it with :class:`PlanChanged` before anything is written, so one output never mixes two.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import pyarrow as pa
 
+from lafma.config import ConfigError
 from lafma.data.captions import GenerationRow, batches, plan_generation, read_caption_records
 from pipelines.core import storage
 from pipelines.core.stage import pending_shards, rejects_table, run_shards
@@ -30,8 +40,9 @@ from pipelines.core.stage import pending_shards, rejects_table, run_shards
 GENERATION_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("seed", pa.int64()), ("steps", pa.int32()),
     ("guidance", pa.float64()), ("solver", pa.string()), ("nfe", pa.int32()), ("duration", pa.float64()),
-    ("path", pa.string()), ("seconds", pa.float64()),
+    ("path", pa.string()), ("seconds", pa.float64()), ("model_version", pa.string()),
 ])
+PLAN, PLAN_FORMAT = "plan.json", 1
 
 
 @dataclass
@@ -48,14 +59,114 @@ class GenerationSettings:
     actor_gpus: float = 0.0
 
 
+class PlanChanged(ConfigError):
+    """``out`` holds generations made under another plan (or under none recorded): resuming
+    into it would mix models, captions or settings in one manifest."""
+
+    def __init__(self, message: str):
+        super().__init__("", message)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """``--model`` pinned for one job.
+
+    ``uri`` is what every actor loads (``models:/lafma/3``, never an alias); ``version`` is the
+    manifest's ``model_version`` and what two plans compare: ``models:/<name>/<N>``,
+    ``runs:/<run id>/<path>``, or ``bundle@sha256:<16 hex>`` for a bundle directory (the
+    digest of its manifest, which records each weight file's SHA-256), wherever it lies.
+    """
+
+    given: str
+    uri: str
+    version: str
+
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ref>[^/]+))?/?$")
+
+
+def resolve_model(model: str, *, root: str) -> ResolvedModel:
+    """Pin ``model`` (a registry URI, ``runs:/…``, or a bundle / pyfunc directory) to what it
+    names now.
+
+    Raises:
+        ConfigError: ``model`` names nothing (unknown alias or version, no such directory).
+    """
+    if model.startswith("models:/"):
+        return _resolve_registered(model, root)
+    if model.startswith("runs:/"):
+        run_id, _, path = model[len("runs:/"):].strip("/").partition("/")
+        if not run_id:
+            raise ConfigError("model", f"{model!r} names no run: expected runs:/<run id>/<path>")
+        uri = f"runs:/{run_id}/{path}" if path else f"runs:/{run_id}"
+        return ResolvedModel(model, uri, uri)
+    local = "://" not in model  # s3://, file://: a logged model's directory, read through MLflow
+    uri = os.path.abspath(model) if local else model
+    if local and not os.path.isdir(uri):
+        raise ConfigError("model", f"no model at {model!r}: expected models:/..., runs:/... or a bundle directory")
+    try:
+        digest = manifest_digest(uri, root)
+    except Exception as e:  # not a bundle, a pyfunc directory without one, an unreadable file: say which
+        raise ConfigError("model", f"{model!r} is not a bundle or logged model: {str(e).splitlines()[0]}") from None
+    return ResolvedModel(model, uri, f"bundle@sha256:{digest}")
+
+
+def _resolve_registered(model: str, root: str) -> ResolvedModel:
+    import mlflow
+
+    from pipelines.core import tracking
+
+    m = _REGISTRY_URI.match(model)
+    if m is None:
+        raise ConfigError("model", f"{model!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
+    name, alias, ref = m["name"], m["alias"], m["ref"]
+    if alias is None and ref is None:
+        if not name.startswith("m-"):
+            raise ConfigError("model", f"{model!r}: expected models:/{name}/<version> or models:/{name}@<alias>")
+        return ResolvedModel(model, model.rstrip("/"), model.rstrip("/"))  # a logged model's id: immutable
+    store = tracking.tracking_uri(root)
+    client = mlflow.MlflowClient(store)
+    try:
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias).version
+        elif ref.isdigit():
+            version = client.get_model_version(name, ref).version
+        elif ref == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ConfigError("model", f"{model}: {name!r} has no versions in {store}")
+            version = max(int(v.version) for v in versions)
+        else:
+            raise ConfigError("model", f"{model}: stages are not used here (MLflow 3 aliases): "
+                                       f"use models:/{name}@<alias> or models:/{name}/<version>")
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError("model", f"{model} is not in the registry at {store}: {str(e).splitlines()[0]}") from None
+    uri = f"models:/{name}/{version}"
+    return ResolvedModel(model, uri, uri)
+
+
+def manifest_digest(model: str, root: str) -> str:
+    """SHA-256 (16 hex) of a bundle's manifest (``lafma.json``) as canonical JSON."""
+    from pipelines.core.registry import bundle_manifest
+
+    text = json.dumps(bundle_manifest(model, root=root), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class GenerateShard:
     """Actor: holds one model; for a shard, writes its wavs, then its manifest part."""
 
-    def __init__(self, model: str, root: str, out: str):
+    def __init__(self, model: dict, root: str, out: str):
         from pipelines.core.registry import load_pipeline
 
+        self.model = ResolvedModel(**model)
         # Ray sets OMP_NUM_THREADS to the actor's CPUs, so actors do not fight over cores.
-        self.pipe = load_pipeline(model, root=root)
+        self.pipe = load_pipeline(self.model.uri, root=root)
+        if self.model.version.startswith("bundle@"):  # a directory can be rewritten in place
+            now = f"bundle@sha256:{manifest_digest(self.model.uri, root)}"
+            if now != self.model.version:
+                raise RuntimeError(f"{self.model.uri} changed since the job was planned ({self.model.version} -> "
+                                   f"{now}): refusing to mix two models in {out}")
         self.out = out
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -74,7 +185,8 @@ class GenerateShard:
             storage.write_bytes(storage.join(self.out, path), buf.getvalue())
             records.append({"id": r.id, "caption": r.caption, "seed": r.seed, "steps": r.steps,
                             "guidance": r.guidance, "solver": r.solver, "nfe": gen.nfe,
-                            "duration": r.duration, "path": path, "seconds": round(seconds, 4)})
+                            "duration": r.duration, "path": path, "seconds": round(seconds, 4),
+                            "model_version": self.model.version})
         part = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
         storage.write_parquet(storage.join(self.out, "parts", f"shard-{shard:05d}.parquet"), part)  # last
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
@@ -95,6 +207,78 @@ def model_defaults(model: str, root: str) -> dict:
     return {k: sampler[k] for k in ("steps", "guidance", "solver", "duration")}
 
 
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def make_plan(rows: list[GenerationRow], shards: list[list[dict]], model: ResolvedModel, settings: dict) -> dict:
+    """What ``plan.json`` records: the resolved model, the job's settings, a hash per row (of
+    everything that shapes its audio and its file) and of how rows are cut into shards."""
+    row_hashes = {r.id: _hash([r.id, r.name, r.caption, int(r.seed), int(r.steps), float(r.guidance), r.solver,
+                               float(r.duration)]) for r in rows}
+    return {"format": PLAN_FORMAT, "model": asdict(model), "settings": settings,
+            "rows_hash": _hash(sorted(row_hashes.items())), "shards_hash": _hash([[r["id"] for r in s] for s in shards]),
+            "row_count": len(rows), "rows": row_hashes}
+
+
+def plan_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two plans, one phrase each (``steps: 10 -> 20``); [] if none."""
+    if old.get("format") != new["format"]:
+        return [f"plan format {old.get('format')} -> {new['format']}"]
+    changes = []
+    if old["model"]["version"] != new["model"]["version"]:
+        changes.append(_model_change(old["model"], new["model"]))
+    for key, value in new["settings"].items():
+        if old["settings"].get(key) != value:
+            changes.append(f"{key}: {old['settings'].get(key)} -> {value}")
+    was, now = old["rows"], new["rows"]
+    if old["rows_hash"] != new["rows_hash"]:
+        counts = {"changed": sum(i in was and was[i] != h for i, h in now.items()),
+                  "added": sum(i not in was for i in now), "removed": sum(i not in now for i in was)}
+        changes.append("rows: " + ", ".join(f"{n} {what}" for what, n in counts.items() if n))
+    elif old["shards_hash"] != new["shards_hash"] and old["settings"].get("batch_size") == new["settings"]["batch_size"]:
+        changes.append("rows: the same rows in another order (they would be cut into other shards)")
+    return changes
+
+
+def _model_change(old: dict, new: dict) -> str:
+    a, b = (_REGISTRY_URI.match(m["version"]) for m in (old, new))
+    if a and b and a["ref"] and b["ref"] and a["name"] == b["name"]:
+        text = f"model: v{a['ref']} -> v{b['ref']}"
+    else:
+        text = f"model: {old['version']} -> {new['version']}"
+    if old["given"] != new["given"]:
+        return f"{text} (--model {old['given']} -> {new['given']})"
+    return f"{text} ({new['given']} {'moved' if new['given'].startswith('models:/') else 'changed'})"
+
+
+def check_plan(out: str, plan: dict) -> None:
+    """Write ``plan`` to ``out/plan.json``, or check it against the one there.
+
+    Raises:
+        PlanChanged: the plan there differs (the message names what changed), or ``out`` has
+            finished shards and no plan (written by older code: what made them is unknown).
+    """
+    file = storage.join(out, PLAN)
+    advice = f"choose a new --out, or delete {out} to start over"
+    if storage.exists(file):
+        try:
+            old = storage.read_json(file)
+            changes = plan_changes(old, plan)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PlanChanged(f"{out}: its {PLAN} cannot be read ({type(e).__name__}: {e}); {advice}") from None
+        if changes:
+            done = len(storage.list_files(storage.join(out, "parts"), ".parquet"))
+            raise PlanChanged(f"{out} was generated under another plan ({'; '.join(changes)}); resuming would mix "
+                              f"them with its {done} finished shard{'s' * (done != 1)}: {advice}")
+        return
+    if done := len(storage.list_files(storage.join(out, "parts"), ".parquet")):
+        raise PlanChanged(f"{out} holds {done} finished shard{'s' * (done != 1)} but no {PLAN} (written by an "
+                          f"older version): which model and captions made them is unknown, so it cannot be "
+                          f"resumed; {advice}")
+    storage.write_json(file, plan)
+
+
 def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
                    defaults: dict | None = None) -> dict:
     """Generate every good row of ``captions`` into ``out``; returns the summary it writes.
@@ -105,24 +289,33 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
         s: the job's settings.
         root: the storage root whose MLflow store resolves ``models:/`` URIs.
         defaults: the model's sampler defaults, if the caller already knows them.
+
+    Raises:
+        PlanChanged: ``out`` holds a job planned otherwise (see :func:`check_plan`).
+        ConfigError: ``s.model`` names no model, or ``s.batch_size`` < 1.
     """
+    if s.batch_size < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {s.batch_size}")
     records, unparsed = read_caption_records(captions)
-    d = defaults or model_defaults(s.model, root)
-    rows, rejects = plan_generation(records, job_seed=s.seed, steps=s.steps or d["steps"],
-                                    guidance=d["guidance"] if s.guidance is None else s.guidance,
-                                    solver=s.solver or d["solver"], duration=s.duration or d["duration"])
+    model = resolve_model(s.model, root=root)  # pinned: an alias moved mid-job changes nothing
+    d = defaults or model_defaults(model.uri, root)
+    job = {"steps": int(s.steps or d["steps"]), "guidance": float(d["guidance"] if s.guidance is None else s.guidance),
+           "solver": s.solver or d["solver"], "duration": float(s.duration or d["duration"])}
+    rows, rejects = plan_generation(records, job_seed=s.seed, **job)
     rejects = [{"id": r["id"], "audio_uri": "", "reason": r["reason"], "detail": r["detail"]}
                for r in [*unparsed, *rejects]]
-    storage.write_parquet(storage.join(out, "rejects", "plan.parquet"), rejects_table(rejects))
     shards = shards_of(rows, s.batch_size)
-    todo = pending_shards(storage.join(out, "parts"), len(shards))
+    parts = storage.join(out, "parts")
+    check_plan(out, make_plan(rows, shards, model, {**job, "seed": s.seed, "batch_size": s.batch_size}))
+    storage.write_parquet(storage.join(out, "rejects", "plan.parquet"), rejects_table(rejects))
+    todo = pending_shards(parts, len(shards))
     print(f"[generate] {len(rows)} rows in {len(shards)} shards ({len(shards) - len(todo)} done before), "
-          f"{len(rejects)} rejected", flush=True)
+          f"{len(rejects)} rejected; model {model.version}", flush=True)
     t0 = time.time()
     if todo:
-        _run(out, shards, todo, s, root)
+        _run(out, shards, todo, s, root, model)
     wall = time.time() - t0
-    manifest = storage.read_parquet_dir(storage.join(out, "parts"), columns=None)
+    manifest = storage.read_parquet_dir(parts, columns=None)
     manifest = manifest.sort_by("id") if manifest.num_rows else GENERATION_SCHEMA.empty_table()
     storage.write_parquet(storage.join(out, "manifest.parquet"), manifest)
     csv = io.BytesIO()
@@ -136,7 +329,8 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
                "reasons": _reasons(rejects), "wall_seconds": round(wall, 2),
                "clips_per_second": round(generated / wall, 3) if generated else None,
                "audio_seconds_per_second": round(audio_s / wall, 3) if generated else None,
-               "rtf": round(wall / audio_s, 4) if generated else None, "model": s.model, "out": out}
+               "rtf": round(wall / audio_s, 4) if generated else None, "model": s.model,
+               "model_uri": model.uri, "model_version": model.version, "out": out}
     storage.write_json(storage.join(out, "_SUCCESS.json"), summary)
     if generated:
         print(f"[generate] {generated} clips, {audio_s:.1f} s of audio in {wall:.1f} s: "
@@ -152,9 +346,10 @@ def _reasons(rejects: list[dict]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _run(out: str, shards: list[list[dict]], todo: list[int], s: GenerationSettings, root: str) -> None:
+def _run(out: str, shards: list[list[dict]], todo: list[int], s: GenerationSettings, root: str,
+         model: ResolvedModel) -> None:
     """The pending shards through an actor pool (``run_shards`` picks what is missing by
-    ``shard-*.parquet`` in a directory: here the manifest parts)."""
+    ``shard-*.parquet`` in a directory: here the manifest parts). Actors load ``model.uri``."""
     run_shards(storage.join(out, "parts"), shards, GenerateShard, label="generate", num_cpus=s.actor_cpus,
                num_gpus=s.actor_gpus, actors=max(1, min(s.actors, len(todo))),
-               fn_kwargs={"model": s.model, "root": root, "out": out})
+               fn_kwargs={"model": asdict(model), "root": root, "out": out})

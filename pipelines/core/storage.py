@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from lafma.data.manifest import is_remote  # noqa: F401 — one definition, re-exported
 
@@ -35,8 +36,17 @@ def absolute(root: str) -> str:
     return root if is_remote(root) else os.path.abspath(root)
 
 
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Forget what this process cached about ``path``: s3fs keeps directory listings per process,
+    and the files a stage looks for (shards, markers) are written by other processes (Ray
+    workers, another driver), so a listing cached earlier would hide them."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.invalidate_cache(path)
+
+
 def exists(uri: str) -> bool:
     fs, path = fs_and_path(uri)
+    _fresh(fs, path)
     return fs.exists(path)
 
 
@@ -76,6 +86,7 @@ def write_parquet(uri: str, table: pa.Table) -> None:
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Full URIs of the files directly under ``uri`` (sorted); [] if it does not exist."""
     fs, path = fs_and_path(uri)
+    _fresh(fs, path)
     if not fs.exists(path):
         return []
     names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(suffix) and fs.isfile(p))

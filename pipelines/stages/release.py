@@ -156,9 +156,8 @@ class PromoteStage(Stage):
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         version = read_marker(ctx.outputs["package"])["model_version"]
         d = registry.gate(root=ctx.root, version=version)
-        print(f"[promote] v{d.candidate}: {'promoted to champion' if d.promoted else 'not promoted'} ({d.reason})",
-              flush=True)
-        return {"model_version": d.candidate, "promoted": d.promoted, "reason": d.reason,
+        print(f"[promote] v{d.candidate} {d.outcome}: {d.reason}", flush=True)
+        return {"model_version": d.candidate, "promoted": d.promoted, "outcome": d.outcome, "reason": d.reason,
                 "previous_champion": d.champion}
 
     def summary(self, info: dict) -> list[str]:
