@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from lafma.config import ConfigError
 from lafma.data.captions import GenerationRow, batches, plan_generation, read_caption_records
-from pipelines.core import storage
+from pipelines.core import storage, tracking
 from pipelines.core.stage import pending_shards, rejects_table, run_shards
 
 # One row per generated clip: manifest.parquet / manifest.csv (not the data manifest of ingest).
@@ -114,8 +114,6 @@ def resolve_model(model: str, *, root: str) -> ResolvedModel:
 def _resolve_registered(model: str, root: str) -> ResolvedModel:
     import mlflow
 
-    from pipelines.core import tracking
-
     m = _REGISTRY_URI.match(model)
     if m is None:
         raise ConfigError("model", f"{model!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
@@ -156,12 +154,14 @@ def manifest_digest(model: str, root: str) -> str:
 class GenerateShard:
     """Actor: holds one model; for a shard, writes its wavs, then its manifest part."""
 
-    def __init__(self, model: dict, root: str, out: str):
+    def __init__(self, model: dict, root: str, out: str, tracking_uri: str | None = None):
         from pipelines.core.registry import load_pipeline
 
         self.model = ResolvedModel(**model)
-        # Ray sets OMP_NUM_THREADS to the actor's CPUs, so actors do not fight over cores.
-        self.pipe = load_pipeline(self.model.uri, root=root)
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs, so actors do not fight over cores. The
+        # registry is the driver's, not one this process would find from its own working directory
+        # (with an s3:// root and no MLFLOW_TRACKING_URI: ./.lafma of wherever Ray runs the actor).
+        self.pipe = load_pipeline(self.model.uri, root=root, tracking_uri=tracking_uri)
         if self.model.version.startswith("bundle@"):  # a directory can be rewritten in place
             now = f"bundle@sha256:{manifest_digest(self.model.uri, root)}"
             if now != self.model.version:
@@ -352,4 +352,5 @@ def _run(out: str, shards: list[list[dict]], todo: list[int], s: GenerationSetti
     ``shard-*.parquet`` in a directory: here the manifest parts). Actors load ``model.uri``."""
     run_shards(storage.join(out, "parts"), shards, GenerateShard, label="generate", num_cpus=s.actor_cpus,
                num_gpus=s.actor_gpus, actors=max(1, min(s.actors, len(todo))),
-               fn_kwargs={"model": asdict(model), "root": root, "out": out})
+               fn_kwargs={"model": asdict(model), "root": root, "out": out,
+                          "tracking_uri": tracking.tracking_uri(root)})

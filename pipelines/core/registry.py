@@ -469,7 +469,7 @@ def bundle_manifest(uri: str, *, root: str) -> dict:
         return read_bundle_manifest(os.path.dirname(file))
 
 
-def load_pipeline(uri: str, *, root: str, device: str | None = None):
+def load_pipeline(uri: str, *, root: str, device: str | None = None, tracking_uri: str | None = None):
     """The :class:`~lafma.pipeline.LafmaPipeline` behind ``uri``: a registry URI
     (``models:/lafma@champion``, ``models:/lafma/3``, ``runs:/<id>/model``), a downloaded pyfunc
     directory, or a bare bundle directory (no MLflow needed)."""
@@ -480,6 +480,6 @@ def load_pipeline(uri: str, *, root: str, device: str | None = None):
 
         return load_bundle(uri, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if os.path.isdir(uri) or "://" in uri or uri.startswith("models:/"):
-        tracking.configure(root)
+        tracking.configure(root, uri=tracking_uri)
         return mlflow.pyfunc.load_model(uri).unwrap_python_model().pipe
     raise FileNotFoundError(f"no model at {uri!r}: expected models:/..., runs:/... or a bundle directory")

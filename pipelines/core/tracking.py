@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # MLflow's limits (mlflow.utils.validation); it would cut long param values with just a warning.
 _MAX_KEY, _MAX_VALUE, _CUT = 250, 6000, "...[truncated; see params.json]"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+# Tracking URIs that name a server, which picks the artifact store itself.
+SERVER_SCHEMES = {"http", "https", "databricks"}
 
 
 def tracking_uri(root: str) -> str:
@@ -44,11 +46,12 @@ def artifact_root(root: str) -> str:
     return path
 
 
-def configure(root: str) -> str:
-    """Set mlflow's global tracking URI to the store for ``root``; return the URI."""
+def configure(root: str, uri: str | None = None) -> str:
+    """Set mlflow's global tracking URI to the store for ``root`` (or to ``uri``, the driver's
+    choice handed to a worker); return the URI."""
     import mlflow
     user_set = "MLFLOW_TRACKING_URI" in os.environ
-    mlflow.set_tracking_uri(uri := tracking_uri(root))
+    mlflow.set_tracking_uri(uri := uri or tracking_uri(root))
     if not user_set:  # set_tracking_uri exports the env var; it must not pass for a user's choice
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     return uri
@@ -60,12 +63,17 @@ def _client(uri: str | None) -> MlflowClient:
 
 
 def ensure_experiment(name: str, root: str) -> str:
-    """Id of experiment ``name``, created with artifacts under :func:`artifact_root` if missing
-    (under the server's choice when ``MLFLOW_TRACKING_URI`` is set, as the design says)."""
-    client = _client(tracking_uri(root))
+    """Id of experiment ``name``, created with artifacts under :func:`artifact_root` if missing.
+
+    A tracking *server* (``http(s)://``) chooses its own artifact store (``--artifacts-destination``
+    or ``--default-artifact-root``). A database URI (``sqlite:///…``, ``postgresql://…``) has no
+    server to choose: MLflow would fall back to ``./mlruns`` in whatever directory the process
+    runs, so the artifacts go under the storage root instead."""
+    uri = tracking_uri(root)
+    client = _client(uri)
     if (exp := client.get_experiment_by_name(name)) is not None:
         return exp.experiment_id
-    location = None if os.environ.get("MLFLOW_TRACKING_URI") else artifact_root(root)
+    location = None if uri.split("://", 1)[0] in SERVER_SCHEMES else artifact_root(root)
     return client.create_experiment(name, artifact_location=location)
 
 
