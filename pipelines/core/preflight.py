@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from pipelines.core.stage import Stage, StageContext, digest, read_marker
 # Audio files probed for existence and sample rate: enough to catch a wrong folder at once,
 # few enough to take well under a second on a bucket.
 PROBE_FILES = 8
+# Seconds a TCP connect to the Ray address may take before it counts as nothing listening there.
+RAY_PROBE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,27 @@ def _check_storage(root: str) -> list[Finding]:
     return []
 
 
+def _check_ray_address(ctx: StageContext) -> list[Finding]:
+    """A Ray address that nothing listens on: ``ray.init`` would retry its GCS connection for
+    many minutes before failing, so the run would look hung. A TCP connect answers in seconds.
+    ``auto`` / ``local`` (Ray finds or starts the cluster) are left to Ray."""
+    import ray
+
+    address = ctx.cfg.compute.ray_address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized() or not address or address in ("auto", "local"):
+        return []
+    key = "compute.ray_address" if ctx.cfg.compute.ray_address else "RAY_ADDRESS"
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return [Finding(key, f"{address!r} is not a Ray address (host:port, ray://host:port, auto or local)")]
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_PROBE_SECONDS).close()
+    except OSError as e:
+        return [Finding(key, f"nothing answers at {address} ({type(e).__name__}: {e}); start the cluster "
+                             "(ray start --head), fix the address, or unset it to start a local Ray")]
+    return []
+
+
 def _check_tracking(root: str) -> list[Finding]:
     user_set = "MLFLOW_TRACKING_URI" in os.environ
     uri = tracking.tracking_uri(root)
@@ -378,8 +402,10 @@ def preflight(stages: Sequence[Stage], chosen: Sequence[str], ctx: StageContext)
         findings += _check_storage(ctx.root) or _check_tracking(ctx.root)  # no store under a root never written
         findings += _check_data(planning, plan) + _check_text(planning, plan)
         if any(p.requests for p in plan):
-            cluster = discover_cluster(ctx)
-            findings += _check_resources(plan, cluster)
+            if not (unreachable := _check_ray_address(ctx)):
+                cluster = discover_cluster(ctx)
+                findings += _check_resources(plan, cluster)
+            findings += unreachable
     return Preflight(plan, cluster, findings)
 
 

@@ -135,8 +135,8 @@ def test_an_autoscaling_cluster_reports_what_it_will_request(tmp_path):
     assert not finding.fatal and finding.key == "train_lfm.num_workers" and "autoscaler" in finding.message
 
 
-def _check(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def _check(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "pipelines" / "run_all.py"), "--config", str(CONFIG), "--check",
                            f"storage.root={tmp_path / 'root'}", *overrides], capture_output=True, text=True,
                           env=env, timeout=300)
@@ -175,3 +175,17 @@ def test_a_fifo_among_the_probed_audio_does_not_hang_the_preflight(tmp_path):
         f.write("audio/fifo.wav,a pipe\n")
     pf = check_dag(_cfg(tmp_path, f"data.manifest={manifest}", "data.heldout_min=0"), STAGES, until="audio")
     assert pf.ok
+
+
+def test_a_ray_address_nothing_listens_on_stops_at_once(tmp_path):
+    # ray.init would retry the GCS connection for many minutes: the run would look hung. In a
+    # fresh process (--check), so no Ray this test session started counts as connected.
+    with socket.socket() as s:  # bound, never listening: a connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        by_env = _check(tmp_path, env={"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        by_key = _check(tmp_path, f"compute.ray_address=ray://127.0.0.1:{port}")
+    assert by_env.returncode == 2 and "error: RAY_ADDRESS: nothing answers at 127.0.0.1:" in by_env.stdout
+    assert by_key.returncode == 2 and "error: compute.ray_address: nothing answers" in by_key.stdout
+    bad = _check(tmp_path, env={"RAY_ADDRESS": "not-an-address"})
+    assert bad.returncode == 2 and "is not a Ray address" in bad.stdout
