@@ -80,14 +80,16 @@ def test_configure_sets_global_uri_but_not_the_user_override(tmp_path):
         mlflow.set_tracking_uri(None)
 
 
-def test_user_tracking_uri_leaves_artifact_location_to_the_server(root, tmp_path, monkeypatch):
+def test_a_user_database_uri_keeps_artifacts_under_the_storage_root(root, tmp_path, monkeypatch):
+    # A sqlite (or postgresql) URI has no server to choose an artifact store: MLflow would write
+    # ./mlruns in whatever directory the job runs. Only a server URI (http, https) chooses its own.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(root))
     other_root = str(tmp_path / "elsewhere")
-    exp_id = tracking.ensure_experiment(f"user-server-{uuid.uuid4().hex[:6]}", other_root)
-    location = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_experiment(exp_id)
-    assert "elsewhere" not in location.artifact_location  # the server's default, not our root
-    assert not (tmp_path / "elsewhere").exists()
+    exp_id = tracking.ensure_experiment(f"user-db-{uuid.uuid4().hex[:6]}", other_root)
+    location = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_experiment(exp_id).artifact_location
+    assert location == str(tmp_path / "elsewhere" / "mlartifacts")
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_parent_with_two_children(root, experiment):
