@@ -4,7 +4,6 @@ the model, and the manifest says which model made each clip."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from lafma.models import build_pipeline, build_unet, build_vae, build_vocoder
 from pipelines.config import load_pipeline_config
 from pipelines.generation import GenerationSettings, run_generation
 from tests.pipelines.conftest import BUCKET
+from tests.pipelines.test_generate import write_csv
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 
@@ -55,14 +55,6 @@ def bundles(tmp_path_factory) -> tuple[str, str]:
     """Two bundles of the same architecture with different weights."""
     tmp = tmp_path_factory.mktemp("bundles")
     return make_bundle(tmp / "a", 0), make_bundle(tmp / "b", 1)
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def settings(model: str, **kw) -> GenerationSettings:
