@@ -9,10 +9,13 @@ Sharding: the work is split into deterministic shards; shard ``i`` writes
 ``rejects/shard-i.parquet`` and then ``shard-i.parquet`` as whole objects (atomic locally
 and on S3). A re-run processes only shards whose data file is missing, so an interrupted
 stage resumes with no duplicated and no missing rows.
+
+Tests kill a run at a known point through :data:`HOLD_ENV` (test-only, see :func:`hold_spec`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +155,9 @@ def run_shards(out_dir: str, shards: list[list[dict]], fn: Callable | type, *, l
     from ray.data import ActorPoolStrategy
 
     todo = pending_shards(out_dir, len(shards))
+    hold = hold_spec(label)
+    if hold is not None:
+        fn = _held(fn, *hold)
     print(f"[{label}] {len(shards)} shards, {len(shards) - len(todo)} already done, {len(todo)} to run",
           flush=True)
     if not todo:
@@ -174,6 +180,75 @@ def run_shards(out_dir: str, shards: list[list[dict]], fn: Callable | type, *, l
         print(f"[{label}] shard {int(r['shard'])} done ({done}/{len(todo)}): {rows_out} rows, {rejected} rejected, "
               f"{time.time() - start:.1f} s", flush=True)
     return len(todo)
+
+
+# Test-only fault injection: an environment variable, not a config key, so no stage hash changes.
+HOLD_ENV = "LAFMA_TEST_HOLD"
+
+
+def hold_spec(label: str) -> tuple[int, str] | None:
+    """``(n, marker)`` when ``LAFMA_TEST_HOLD=<label>:<n>:<marker file>`` names ``label``, else None.
+
+    Test-only, so a test can kill a run at a known point instead of racing a wall-clock window:
+    :func:`run_shards` with that label lets exactly ``n`` shards of this run be written, then its
+    tasks block forever; a training job of that stage (:func:`pipelines.core.training.maybe_hold`)
+    blocks forever once it has reported its step-``n`` checkpoint. Either creates the marker file
+    (a local path) when it reaches that point.
+    """
+    spec = os.environ.get(HOLD_ENV, "")
+    name, _, rest = spec.partition(":")
+    if not spec or name != label:
+        return None
+    n, _, marker = rest.partition(":")
+    return int(n), marker
+
+
+def hold_forever(marker: str | None = None) -> None:
+    """Create ``marker`` (when given), then block until the process is killed (see :func:`hold_spec`)."""
+    if marker:
+        with open(marker, "w"):
+            pass
+    while True:
+        time.sleep(3600)
+
+
+def _held(fn: Callable | type, n: int, marker: str) -> Callable | type:
+    """``fn`` (a shard function or actor class) that lets ``n`` shards be written, then holds.
+
+    Each shard takes a ticket first, a directory beside the marker (``mkdir`` is atomic), so
+    tasks running in parallel cannot write more than ``n``: a task finding none left holds
+    before it starts; the task that finishes the ``n``-th shard creates the marker and holds.
+    """
+    tickets = f"{marker}.tickets"
+
+    def around(call: Callable[[], Any]) -> Any:
+        os.makedirs(tickets, exist_ok=True)
+        for k in range(n):
+            try:
+                os.mkdir(os.path.join(tickets, str(k)))
+                break
+            except FileExistsError:
+                continue
+        else:
+            hold_forever()
+        out = call()  # writes its shard
+        os.mkdir(os.path.join(tickets, f"{k}.done"))
+        if sum(t.endswith(".done") for t in os.listdir(tickets)) == n:
+            hold_forever(marker)
+        return out
+
+    if isinstance(fn, type):
+        class Held(fn):
+            def __call__(self, batch: Any) -> Any:
+                call = super().__call__
+                return around(lambda: call(batch))
+
+        return Held
+
+    def held(item: dict, **kwargs: Any) -> Any:
+        return around(lambda: fn(item, **kwargs))
+
+    return held
 
 
 def rejects_summary(out_dir: str) -> tuple[int, dict[str, int]]:

@@ -51,12 +51,13 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipelines.core import storage
 from pipelines.core.checkpointing import load_checkpoint, save_checkpoint
 from pipelines.core.cluster import FORWARDED_ENV
+from pipelines.core.stage import HOLD_ENV, hold_forever, hold_spec
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 __all__ = ["deepspeed_config", "ingest_config", "init_engine", "launch", "load_checkpoint", "maybe_fail",
-           "save_checkpoint"]
+           "maybe_hold", "save_checkpoint"]
 
 
 def deepspeed_config(*, micro_batch_per_gpu: int, grad_accum: int, zero_stage: int,
@@ -198,7 +199,7 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     # Workers inherit the raylet's environment, not the driver's: forward what they need
     # (S3 endpoint and credentials, TORCH_EXTENSIONS_DIR for DeepSpeed's JIT-built ops).
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in (*FORWARDED_ENV, HOLD_ENV) if k in os.environ}
     run_config = RunConfig(
         name=name,
         # Ray Train requires an absolute local path or a URI.
@@ -270,3 +271,18 @@ def maybe_fail(step: int, fail_at_step: int, attempt_marker_dir: str) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     raise RuntimeError(f"injected failure at step {step} on rank {rank} (first attempt)")
+
+
+def maybe_hold(label: str, step: int) -> None:
+    """Block forever once the checkpoint of ``step`` is reported, when ``LAFMA_TEST_HOLD`` names
+    ``label`` and ``step`` (test-only fault injection; :func:`pipelines.core.stage.hold_spec`).
+
+    Called by every rank after :func:`save_checkpoint`. ``ray.train.report`` is a barrier, so
+    every rank has reported when it returns; the workers' threads then sleep while the
+    controller, still polling them, registers the checkpoint (and writes
+    ``checkpoint_manager_snapshot.json``). Rank 0 creates the marker file.
+    """
+    hold = hold_spec(label)
+    if hold is None or step != hold[0]:
+        return
+    hold_forever(hold[1] if ray.train.get_context().get_world_rank() == 0 else None)

@@ -85,7 +85,7 @@ def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail
     """
     # Imported here: the job table (and the DAG stages that read it) must load without Ray.
     from pipelines.core.checkpointing import load_checkpoint, save_checkpoint
-    from pipelines.core.training import maybe_fail
+    from pipelines.core.training import maybe_fail, maybe_hold
 
     state = load_checkpoint(job.engines)
     start = 0
@@ -115,6 +115,7 @@ def run_loop(job: Job, train: TrainConfig, *, rank: int, logger: RunLogger, fail
         if step % train.checkpoint_every == 0 or step == train.steps:
             save_checkpoint(job.engines, {"step": step, "extra": job.extra_state()},
                             {"step": step, **{k: float(v) for k, v in logs.items()}})
+            maybe_hold(label, step)
     return {**last, "step": train.steps, "resumed_from": resumed_from}
 
 

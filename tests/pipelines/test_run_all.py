@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.pipelines.conftest import registered, wait_for
 
 ROOT = Path(__file__).parents[2]
 CONFIG = "configs/test.yaml"
@@ -50,17 +53,17 @@ def test_a_run_killed_in_the_middle_finishes_on_re_run(ray_local, tmp_path):
     store = tmp_path / "store"
     cmd = [sys.executable, str(ROOT / "pipelines" / "run_all.py"), "--config", str(ROOT / CONFIG), *tiny(store)]
     env = {**os.environ, "LAFMA_PROGRESS": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
-                            cwd=tmp_path)
-    deadline = time.time() + 400
-    # Kill it while the vocoder trains: after its first checkpoint, before it finishes.
-    while time.time() < deadline and proc.poll() is None and not list(
-            store.glob("ray_results/train_vocoder-*/checkpoint_0*")):
-        time.sleep(0.5)
+    # Killed while the vocoder trains: its workers hold once their step-2 checkpoint is reported
+    # (LAFMA_TEST_HOLD, pipelines/core/stage.py), and the kill waits until Ray has registered it.
+    held = tmp_path / "held"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**env, "LAFMA_TEST_HOLD": f"train_vocoder:2:{held}"}, cwd=tmp_path)
+    wait_for(held.exists, "train_vocoder holding after its step-2 checkpoint", proc)
+    wait_for(lambda: registered(store, "train_vocoder", 2), "Ray registering the step-2 checkpoint", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = markers(store)
-    assert {"ingest", "audio", "text", "train_vae"} <= set(before) and "train_vocoder" not in before, sorted(before)
+    assert set(before) == {"ingest", "audio", "text", "train_vae"}, sorted(before)
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     table = statuses(again.stdout)
@@ -68,8 +71,7 @@ def test_a_run_killed_in_the_middle_finishes_on_re_run(ray_local, tmp_path):
     assert all(table[s] == "ran" for s in STAGE_NAMES if s not in before), table
     after = markers(store)
     assert set(after) == set(STAGE_NAMES)
-    # From a checkpoint, not from scratch: step 2's, or step 4's if the kill came after that one.
-    assert after["train_vocoder"]["resumed_from"] in (2, 4)
+    assert after["train_vocoder"]["resumed_from"] == 2  # from the checkpoint it held at, not from scratch
     assert after["generate"]["rows"] == 4
     # Rank 0's progress lines reach the driver once each (Ray Train's print patch doubled them).
     lines = (again.stdout + again.stderr).splitlines()
@@ -77,19 +79,96 @@ def test_a_run_killed_in_the_middle_finishes_on_re_run(ray_local, tmp_path):
     assert sorted(steps) == ["2/4", "4/4"], steps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORTS = ("gcs", "dashboard", "agent", "agent_grpc", "runtime_env_agent")
+# What `ray start` says when the GCS or the dashboard finds its port taken.
+IN_USE = re.compile(r"Failed to start the grpc server|already (occupied|in use)|Address already in use", re.I)
+
+
+def _cluster_procs(temp_dir: Path) -> list[psutil.Process]:
+    """The processes of the cluster this test started: those naming its temp dir, and their
+    children (the dashboard and runtime-env agents retitle themselves ``ray::…``)."""
+    named = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    found = {p.pid: p for p in named}
+    for p in named:
+        try:
+            found |= {c.pid: c for c in p.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return list(found.values())
 
 
 def _stop_cluster(temp_dir: Path) -> None:
     """Stop only the cluster this test started (``ray stop`` would stop every Ray on the machine,
-    the test session's own included): its processes are the ones naming its temp dir."""
-    procs = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    the test session's own included)."""
+    procs = _cluster_procs(temp_dir)
     for p in procs:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(procs, timeout=30)
+
+
+def _fresh_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free a moment ago (held together while choosing)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _listeners(temp_dir: Path, ports: list[int]) -> tuple[set[int], set[int]]:
+    """Of ``ports``, those the cluster's own processes listen on, and those another process holds."""
+    ours = {p.pid for p in _cluster_procs(temp_dir)}
+    held = [(c.laddr.port, c.pid) for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
+    return {port for port, pid in held if pid in ours}, {port for port, pid in held if pid not in ours}
+
+
+def _all_ours(temp_dir: Path, ports: list[int], timeout: float = 120) -> bool:
+    """Wait until the cluster's processes listen on every port: True; False once another process
+    holds one of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ours, taken = _listeners(temp_dir, ports)
+        if ours == set(ports) or taken:
+            return not taken
+        if time.monotonic() > deadline:
+            _stop_cluster(temp_dir)
+            pytest.fail(f"after {timeout:.0f} s the new cluster listens on {sorted(ours)} of {ports}")
+        time.sleep(0.5)
+
+
+def start_head(ray: str, temp_dir: Path, env: dict, attempts: int = 3) -> dict[str, int]:
+    """``ray start --head`` on 127.0.0.1 with every port its own (the test session's Ray may hold
+    the defaults); returns the ports by name once the cluster's processes listen on all of them.
+
+    Ray takes port numbers, not sockets, so another process may take one between choosing it and
+    Ray binding it: the GCS and the dashboard then fail ``ray start``, the dashboard agent's and
+    runtime-env agent's ports fail only later. Either way the cluster is stopped and started again
+    on fresh ports; any other failure fails the test.
+    """
+    for _ in range(attempts):
+        ports = dict(zip(PORTS, _fresh_ports(len(PORTS))))
+        start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
+                                "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                                "--num-cpus=2", f"--dashboard-agent-listen-port={ports['agent']}",
+                                f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+                                f"--runtime-env-agent-port={ports['runtime_env_agent']}",
+                                f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                               capture_output=True, text=True, timeout=180, env=env)
+        wanted = list(ports.values())
+        if start.returncode == 0 and _all_ours(temp_dir, wanted):
+            return ports
+        taken = _listeners(temp_dir, wanted)[1]
+        _stop_cluster(temp_dir)
+        if not (taken or IN_USE.search(start.stdout + start.stderr)):
+            pytest.fail(f"ray start failed: {start.stderr[-3000:]}")
+    pytest.fail(f"ray start found a port taken {attempts} times running")
 
 
 @pytest.mark.slow
@@ -97,21 +176,13 @@ def test_ray_job_submit_runs_the_pipeline_on_a_running_cluster(tmp_path):
     # Ray's temp dir must stay short (socket paths are limited to ~107 bytes).
     temp_dir = Path("/tmp") / f"lafma-rayjob-{os.getpid()}"
     store = tmp_path / "store"
-    # Every port its own: the test session's Ray (and its dashboard agent) may hold the defaults.
-    gcs, dashboard, agent, agent_grpc, env_agent = (_free_port() for _ in range(5))
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
            "LAFMA_PROGRESS": "0",
            # Ray 2.60 starts clusters with token auth on; the job CLI sends the token only in this mode.
            "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                            f"--runtime-env-agent-port={env_agent}",
-                            f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                           capture_output=True, text=True, timeout=180, env=env)
-    assert start.returncode == 0, start.stderr[-3000:]
+    dashboard = start_head(ray, temp_dir, env)["dashboard"]
     try:
         submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
                   "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",

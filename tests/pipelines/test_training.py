@@ -20,6 +20,7 @@ from pipelines.stages.audio import SCHEMA as AUDIO_SCHEMA
 from pipelines.stages.train import LATENT_SCHEMA
 from pipelines.train.data import unflatten
 from pipelines.train.jobs import JOBS
+from tests.pipelines.conftest import copy_store
 from tests.pipelines.dag_run import (
     CKPT_EVERY,
     CONFIG,
@@ -111,15 +112,17 @@ def test_a_checkpoint_holds_what_resuming_needs(trained):
     assert {"generator", "discriminator"} <= set(os.listdir(gan))  # both GAN engines
 
 
-def test_raising_steps_resumes_the_same_run_instead_of_starting_over(trained):
-    root, _, reports = trained
+def test_raising_steps_resumes_the_same_run_instead_of_starting_over(trained, tmp_path):
+    shared, _, reports = trained
+    root = copy_store(shared, tmp_path / "store")  # the shared store stays at STEPS for every other test
     cfg = load_pipeline_config(CONFIG, [*overrides(root), f"train_lfm.steps={STEPS + 4}"])
     again = {r.name: r for r in run_dag(cfg, STAGES, only=["train_lfm"])}
     lfm = again["train_lfm"]
-    assert lfm.status == "ran" and lfm.path == reports["train_lfm"].path
+    assert lfm.status == "ran" and lfm.path == reports["train_lfm"].path.replace(str(shared), str(root), 1)
     assert lfm.info["resumed_from"] == STEPS and lfm.info["steps"] == STEPS + 4
     assert lfm.info["run_id"] == reports["train_lfm"].info["run_id"]  # the same MLflow run
     assert len(history(root, lfm.info["run_id"], "loss/fm")) == STEPS + 4
+    assert len(history(shared, lfm.info["run_id"], "loss/fm")) == STEPS
 
 
 def test_mlflow_runs_hold_params_metrics_images_and_audio(trained):
