@@ -13,6 +13,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "pipelines.lafma_cli", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_describe_paper_config_json():
     out = run("describe", "--config", "configs/lafma_audiocaps.yaml", "--json")
     assert out.returncode == 0, out.stderr
@@ -25,11 +26,13 @@ def test_describe_paper_config_json():
     assert comp["text_encoder"]["dim"] == 1024
 
 
+@pytest.mark.slow
 def test_describe_extra_attention_override():
     out = run("describe", "--config", "configs/lafma_audiocaps.yaml", "--json", "unet.extra_attention=true")
     assert abs(json.loads(out.stdout)["components"]["unet"]["params"] / 273e6 - 1) < 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["demo.yaml", "test.yaml"])
 def test_describe_small_configs_as_text(config):
     out = run("describe", "--config", f"configs/{config}")
@@ -43,6 +46,7 @@ def test_config_error_is_reported_with_its_key():
     assert "unet.model_chanels" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_the_library_cli_describes_a_model_config_and_names_a_pipeline_section():
     """``python -m lafma.cli`` reads only the model's sections (lafma/ knows no pipeline)."""
     lib = [sys.executable, "-m", "lafma.cli", "describe", "--json", "--config"]

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import re
 
+import diffusers  # the reference: a dev dependency, so a missing one fails here rather than skips
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from lafma.convert.checkpoint import CheckpointError
 from lafma.convert.unet import convert_unet
 from lafma.unet import UNet
 from tests.published import ldm_unet_keys as ldm_keys
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 
 ARCH = dict(in_channels=8, out_channels=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
             attention_resolutions=(2,), context_dim=16)

@@ -11,16 +11,15 @@ import json
 import re
 from dataclasses import dataclass
 
+import diffusers  # the reference: a dev dependency, so a missing one fails here rather than skips
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from lafma.convert.checkpoint import CheckpointError
 from lafma.convert.vae import convert_vae
 from lafma.vae import MelVAE, mel_to_image
 from lafma.vae.model import image_to_mel
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
 SMALL = dict(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8)
 TOL = 1e-5

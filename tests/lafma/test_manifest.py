@@ -2,7 +2,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -305,13 +304,12 @@ def test_a_file_manifests_digest_is_the_sha256_of_its_bytes(tmp_path):
 def s3_bucket(monkeypatch):
     """A moto S3 server on 127.0.0.1 for this test only; fsspec's cached S3 clients are dropped
     before and after, so no other test reuses one that points at it."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks, no race
     server.start()
+    _, port = server.get_host_and_port()
     for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)

@@ -325,6 +325,7 @@ def _train_unet(x1: Tensor, mask: Tensor, masked: bool, steps: int = 60) -> tupl
     return before, errors()
 
 
+@pytest.mark.slow
 def test_a_vae_trained_on_padded_clips_learns_the_padding_only_without_the_mask():
     b, t, real = 4, 32, 16  # every clip padded: half its frames are real
     mel = _structured_mels(b, 16, t, real)  # (B, n_mels, T)
@@ -339,6 +340,7 @@ def test_a_vae_trained_on_padded_clips_learns_the_padding_only_without_the_mask(
     assert pad_on > 0.5 * pad0 and pad_on > 4 * pad_off  # with it, it has not
 
 
+@pytest.mark.slow
 def test_a_flow_model_trained_on_padded_latents_learns_the_padding_only_without_the_mask():
     b, c, t, f = 4, 8, 16, 8  # (B, C, T', F'); every latent padded: half its frames are real
     # Smooth latents of four clips (each with its own caption), then the padding's latent: one

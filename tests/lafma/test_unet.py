@@ -68,6 +68,7 @@ def test_time_scale_is_applied():
         torch.testing.assert_close(unet(x, t, ctx), unscaled(x, t, ctx))
 
 
+@pytest.mark.slow
 def test_lfm_overfits_one_latent_and_samples_it_from_noise():
     torch.manual_seed(0)
     unet = tiny_unet(attention_resolutions=(2,))

@@ -215,6 +215,7 @@ def test_generator_total_is_the_weighted_sum_of_its_terms():
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_tiny_vae_overfits_one_batch():
     torch.manual_seed(0)
     mel = _sine_mels(32)  # (2, 64, 32)

@@ -117,6 +117,7 @@ def test_griffin_lim_reconstructs_a_tone():
     assert abs(peak_hz - 440) < 25
 
 
+@pytest.mark.slow
 def test_generator_overfits_one_clip_on_mel_l1():
     torch.manual_seed(0)
     mel_fn = MelSpectrogram()

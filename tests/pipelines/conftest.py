@@ -3,8 +3,14 @@ manifest full of hostile inputs with the outcome each must have."""
 
 from __future__ import annotations
 
+import json
 import os
-import socket
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +22,14 @@ SR = 16000
 BUCKET = "lafma-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test on the session's Ray (``ray_local``, and ``trained`` through it) is slow: the
+    cluster alone takes seconds to start, and these run real Ray Data, Ray Train and DeepSpeed
+    jobs. So ``-m "not slow"`` runs no Ray at all (see the Makefile's ``test``)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +38,9 @@ def s3_endpoint():
     before Ray starts, so Ray workers see them too."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the OS picks, no race
     server.start()
+    _, port = server.get_host_and_port()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
@@ -49,7 +59,10 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def trained(ray_local, tmp_path_factory):
-    """The whole DAG once on configs/test.yaml (see dag_run.py): (root, cfg, {stage: report})."""
+    """The whole DAG once on configs/test.yaml (see dag_run.py): (root, cfg, {stage: report}).
+
+    Shared by every test that uses it, in any order: read it, or change a copy
+    (:func:`copy_store`), never the store itself."""
     from pipelines.config import load_pipeline_config
     from pipelines.core.dag import run_dag
     from pipelines.stages import STAGES
@@ -71,6 +84,54 @@ def ray_local(s3_endpoint):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    """A copy of a storage root that a test may change without touching the original.
+
+    MLflow's sqlite store records absolute artifact locations (each experiment's, each run's,
+    each model version's source); they are moved to the copy too, so nothing logged to the copy
+    lands in the original's ``mlartifacts/``. Ray Train's run state names its checkpoints
+    relative to the run directory, and every stage's output path derives from the root, so a
+    stage run on the copy writes only there (absolute paths inside markers, such as an export's
+    weights, are only read).
+    """
+    shutil.copytree(src, dst)
+    db = sqlite3.connect(dst / "mlflow.db")
+    with db:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                              ("logged_models", "artifact_location"), ("model_versions", "source"),
+                              ("model_versions", "storage_location")):
+            db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (str(src), str(dst)))
+    db.close()
+    return dst
+
+
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll ``condition`` until it holds, while ``proc`` runs: the point a test kills a run at is
+    an event the run reports (``LAFMA_TEST_HOLD``, pipelines/core/stage.py), not a time window.
+    Fails, killing ``proc``'s process group, if ``proc`` exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail(f"never happened: {what} (exit code {proc.returncode})")
+        time.sleep(0.2)
+
+
+def registered(store: Path, job: str, step: int) -> bool:
+    """Whether Ray Train registered ``job``'s step-``step`` checkpoint as its latest: its run
+    snapshot (rewritten after each registration) names it. The checkpoint's directory appears
+    earlier, while its files upload, and a resumed run ignores it until then."""
+    for snapshot in store.glob(f"ray_results/{job}-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except ValueError:  # being written
+            return False
+        return latest.get("checkpoint_dir_name") == f"checkpoint_{step:09d}"
+    return False
 
 
 def tone(freq: float, seconds: float, sr: int = SR, channels: int = 1) -> np.ndarray:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from pipelines.config import load_pipeline_config
 from pipelines.core import storage
 from pipelines.core.dag import run_dag
 from pipelines.stages import STAGES
-from tests.pipelines.conftest import BUCKET, make_hostile
+from tests.pipelines.conftest import BUCKET, make_hostile, wait_for
 
 ROOT = Path(__file__).parents[2]
 CONFIG = ROOT / "configs" / "test.yaml"
@@ -101,31 +100,28 @@ def test_a_second_run_skips_both_stages(ray_local, hostile, tmp_path):
     assert changed["audio"].path != first["audio"].path and changed["audio"].info["rows"] == 9
 
 
-def test_killed_stage_resumes_to_exactly_the_uninterrupted_rows(ray_local, tmp_path):
+def test_killed_stage_resumes_to_exactly_the_uninterrupted_rows(ray_local, tmp_path, capsys):
     src = make_hostile(tmp_path / "in")
-    # More work, one file per shard, one task at a time: a window in which to kill the run.
-    extra = [f"copy{i},audio/s24.wav,copy {i},train" for i in range(30)]
-    with open(src.manifest, "a") as f:
-        f.write("\n".join(extra) + "\n")
     store = tmp_path / "killed"
+    # One file per shard; killed once exactly 3 shards are written (LAFMA_TEST_HOLD,
+    # pipelines/core/stage.py: the tasks then hold, the ones still running and the ones to come).
+    held = tmp_path / "held"
     args = [sys.executable, str(ROOT / "pipelines" / "run_all.py"), "--config", str(CONFIG), "--until", "audio",
-            f"data.manifest={src.manifest}", f"storage.root={store}", "data.shard_size=1",
-            "compute.audio_task_cpus=2"]
+            f"data.manifest={src.manifest}", f"storage.root={store}", "data.shard_size=1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "LAFMA_PROGRESS": "0"})
-    pattern = str(store / "data" / "*" / "audio-*" / "shard-*.parquet")
-    deadline = time.time() + 240
-    while len(glob.glob(pattern)) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+                            env={**os.environ, "LAFMA_PROGRESS": "0", "LAFMA_TEST_HOLD": f"audio:3:{held}"})
+    wait_for(held.exists, "the audio stage holding after 3 shards", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(glob.glob(pattern))
-    total_shards = len(src.good_sources) + 30 + 9  # one shard per manifest row kept by ingest
-    assert 3 <= written < total_shards, f"the run was not interrupted mid-stage ({written} shards)"
+    pattern = str(store / "data" / "*" / "audio-*" / "shard-*.parquet")
+    assert len(glob.glob(pattern)) == 3
     assert not glob.glob(str(store / "data" / "*" / "audio-*" / "_SUCCESS.json"))
 
+    total_shards = len(src.good_sources) + 9  # one per row ingest keeps: the good ones, the 9 bad audio files
     cfg = config(src.manifest, store, "data.shard_size=1")
+    capsys.readouterr()
     resumed = outputs(run_dag(cfg, STAGES, until="audio"))["audio"]
+    assert f"[audio] {total_shards} shards, 3 already done, {total_shards - 3} to run" in capsys.readouterr().out
     clean = outputs(run_dag(config(src.manifest, tmp_path / "clean", "data.shard_size=1"), STAGES,
                             until="audio"))["audio"]
     a, b = read_rows(resumed.path), read_rows(clean.path)

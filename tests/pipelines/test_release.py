@@ -1,6 +1,7 @@
 """Stages 7-9 on the shared full DAG run: registry, promotion gate, loading, demo generation.
 
-These run before test_training.py (which resumes the shared LFM to more steps) by file order.
+In any order with the other tests on it: none changes the shared store (test_training.py resumes
+a copy of it to more steps; the gate test registers into a store of its own).
 """
 
 from __future__ import annotations

@@ -140,7 +140,12 @@ def test_metrics_history_by_step(root, experiment):
     assert [m.value for m in client.get_metric_history(run_id, "mel/l1")] == [0, 1, 2, 3, 4]
 
 
-def test_rank_nonzero_and_no_run_log_nothing(root, experiment):
+def test_rank_nonzero_and_no_run_log_nothing(root, experiment, monkeypatch):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # No sampling thread starts at all (rather than none sampling within some wait).
+    started = []
+    monkeypatch.setattr(SystemMetricsMonitor, "start", lambda self: started.append(self))
     run_id = tracking.start_run(root=root, experiment=experiment, run_name="r")
     for logger in (tracking.RunLogger(run_id, rank=1, tracking=tracking.tracking_uri(root)),
                    tracking.RunLogger(None)):
@@ -152,7 +157,8 @@ def test_rank_nonzero_and_no_run_log_nothing(root, experiment):
         logger.log_image(b"\x89PNG", "i.png")
         logger.log_audio(np.zeros(160), 16000, "a.wav")
         with tracking.system_metrics(logger.run_id, rank=1, interval_s=0.05):
-            time.sleep(0.2)
+            pass
+    assert started == []
     client = MlflowClient(tracking.tracking_uri(root))
     data = client.get_run(run_id).data
     assert data.metrics == {} and data.params == {} and "t" not in data.tags
@@ -251,7 +257,10 @@ def test_find_run_by_tags(root, experiment):
     assert tracking.find_run(root=root, experiment=experiment,
                              tags={**find, "lafma.config_hash": "zzz"}) is None
     assert tracking.find_run(root=root, experiment="no-such-experiment", tags=find) is None
-    time.sleep(0.01)  # start_time has millisecond resolution
+    # start_time has millisecond resolution: the next run must start in a later millisecond.
+    latest = max(MlflowClient(tracking.tracking_uri(root)).get_run(r).info.start_time for r in (first, other))
+    while time.time() * 1000 < latest + 1:
+        time.sleep(0.001)
     newest = start("abc")
     assert tracking.find_run(root=root, experiment=experiment, tags=find) == newest != other
     with pytest.raises(ValueError):
