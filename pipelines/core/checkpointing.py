@@ -21,10 +21,15 @@ Ray's "delete local checkpoint after upload".
 A job's RNG streams differ per rank (each rank draws its own noise, dropout masks and
 flow-matching times), so each rank restores its own; restoring them is what makes a resumed
 run draw the same numbers the uninterrupted run would have drawn.
+
+Nothing here unpickles code: every file is read with ``torch.load(weights_only=True)``,
+DeepSpeed's own through :class:`WeightsOnlyCheckpointEngine`, so whoever can write the
+storage root can corrupt a resume but not run code in it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -44,6 +49,52 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 RNG_DIR = "rng"
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed (0.19) pickles into its ZeRO optimizer files besides tensors and
+    plain containers, found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on
+    checkpoints of ZeRO stages 0-2, fp32 and bf16. Plain data: a dataclass, an enum, the
+    loss-scaler's attributes; allowing them lets no callable through."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@functools.cache
+def _weights_only_engine_class() -> type:
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True`` (DeepSpeed's
+        own loads with ``weights_only=False``, which runs whatever a pickled file names)."""
+
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine
+
+
+def __getattr__(name: str) -> Any:  # deepspeed is imported lazily: the driver never pays for it
+    if name == "WeightsOnlyCheckpointEngine":
+        return _weights_only_engine_class()
+    raise AttributeError(name)
+
+
+def _load_weights_only(engine: DeepSpeedEngine) -> None:
+    """Make ``engine`` read its checkpoints with :class:`WeightsOnlyCheckpointEngine`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current, cls = engine.checkpoint_engine, _weights_only_engine_class()
+    if isinstance(current, cls):
+        return
+    if type(current) is not TorchCheckpointEngine:  # our DeepSpeed configs never choose another
+        raise RuntimeError(f"cannot resume safely with DeepSpeed's {type(current).__name__}: "
+                           "only its TorchCheckpointEngine has a weights-only replacement")
+    engine.checkpoint_engine = cls(engine._config)
 
 
 def _tag(step: int) -> str:
@@ -146,8 +197,8 @@ def load_checkpoint(engines: dict[str, DeepSpeedEngine]) -> dict[str, Any] | Non
     # A local storage path is used in place; a remote one is downloaded once per node.
     with checkpoint.as_directory() as local:
         for name, engine in engines.items():
-            # DeepSpeed reads the tag from ``latest``. Its own files are read with
-            # torch.load(weights_only=False): the storage root must be trusted.
+            # DeepSpeed reads the tag from ``latest``; its files, weights only.
+            _load_weights_only(engine)
             path, _ = engine.load_checkpoint(os.path.join(local, name))
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint for engine {name!r} in {local}")
