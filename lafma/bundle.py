@@ -15,6 +15,11 @@ mistake, whoever copied the files. Weights are read with safetensors only: nothi
 bundle is unpickled. Every component loads strictly: the UNet, VAE and vocoder with
 ``load_state_dict(strict=True)``, a bundled text encoder checked against its files
 (:func:`check_text_weights`).
+
+The manifest records every file's SHA-256 (``files``); :func:`check_bundle` refuses a bundle
+with a file that differs, is missing, or is not listed (a ``pytorch_model.bin`` or a
+``modeling_*.py`` slipped into ``text_encoder/`` would otherwise be read by ``transformers``),
+so a bundle from a shared artifact store loads only as it was written.
 """
 
 from __future__ import annotations
@@ -69,6 +74,44 @@ def tree_sha256(path: str) -> str:
             rel = os.path.relpath(os.path.join(d, name), path)
             h.update(f"{rel}:{file_sha256(os.path.join(d, name))}\n".encode())
     return h.hexdigest()
+
+
+def file_hashes(path: str) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every file in the bundle directory ``path`` but its manifest."""
+    out = {}
+    for d, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            rel = os.path.relpath(os.path.join(d, name), path).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out[rel] = file_sha256(os.path.join(d, name))
+    return out
+
+
+def check_files(path: str, manifest: Mapping[str, Any]) -> None:
+    """Raise :class:`BundleError` naming the first file of ``path`` that is not as the manifest
+    records it: changed, missing or unlisted. A bundle written before per-file hashes were
+    recorded is checked by its components' own ``sha256`` and may have no bundled encoder."""
+    listed = manifest.get("files")
+    if listed is None:
+        if manifest["text_encoder"].get("bundled"):
+            raise BundleError(f"{path}: the bundled text encoder has no recorded hashes (a bundle written "
+                              "before they were recorded); write the bundle again to load it")
+        listed = {e["file"]: e["sha256"] for e in manifest["components"].values()}
+        found = {f: file_sha256(os.path.join(path, f)) for f in listed if os.path.isfile(os.path.join(path, f))}
+    else:
+        found = file_hashes(path)
+    for rel, digest in sorted(listed.items()):
+        if rel not in found:
+            raise BundleError(f"{path}: {rel} is missing")
+        if found[rel] != digest:
+            raise BundleError(f"{path}: {rel} has SHA-256 {found[rel][:16]}…, the manifest records "
+                              f"{digest[:16]}…; refusing a bundle changed after it was written")
+    extra = sorted(set(found) - set(listed))
+    if extra:
+        raise BundleError(f"{path}: {extra[0]} is not in the manifest"
+                          f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; refusing files the "
+                          "bundle was not written with")
 
 
 def weights_mel_hash(path: str) -> str | None:
@@ -131,7 +174,7 @@ def write_bundle(out_dir: str, *, components: Mapping[str, Mapping[str, Any]], w
     if text_dir is not None:
         shutil.copytree(text_dir, os.path.join(out_dir, "text_encoder"), dirs_exist_ok=True)
     manifest = {"format": FORMAT, "mel_hash": mel_hash, "config": to_dict(cfgs["unet"]), "components": entries,
-                "text_encoder": text, "lineage": dict(lineage or {})}
+                "text_encoder": text, "lineage": dict(lineage or {}), "files": file_hashes(out_dir)}
     with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, default=str)
     return manifest
@@ -157,10 +200,15 @@ def check_bundle(path: str) -> dict:
     """Validate a bundle without building anything; return its manifest.
 
     Raises:
-        BundleError: a file is missing, or a component's mel hash (in its manifest entry, its
-            config or its weights' metadata) differs from the bundle's.
+        BundleError: a file is missing, changed or not in the manifest (:func:`check_files`), or
+            a component's mel hash (in its manifest entry, its config or its weights' metadata)
+            differs from the bundle's.
     """
     manifest = read_bundle_manifest(path)
+    for c in COMPONENTS:
+        if c not in manifest["components"]:
+            raise BundleError(f"{path}: no {c} in the bundle")
+    check_files(path, manifest)
     want = manifest["mel_hash"]
     for c in COMPONENTS:
         entry = manifest["components"].get(c)

@@ -2,8 +2,9 @@
 
 A version is a pyfunc around a :mod:`lafma.bundle` directory (the LFM, VAE and vocoder as
 safetensors, every component's config, the text encoder or its reference, the mel hash).
-It is logged as *models from code* (:mod:`pipelines.lafma_pyfunc`), so loading it executes
-that small file instead of unpickling an object.
+It is logged as *models from code* (:mod:`pipelines.lafma_pyfunc`) for ``mlflow models serve``;
+the project's own loads (:func:`load_pipeline`) never run it: they fetch the bundle's files
+and check their hashes.
 
 Aliases, not stages (MLflow 3): every new version becomes ``candidate``; ``champion`` moves
 only through :func:`gate` (the candidate's gate metric must beat the champion's) or by hand
@@ -472,14 +473,25 @@ def bundle_manifest(uri: str, *, root: str) -> dict:
 def load_pipeline(uri: str, *, root: str, device: str | None = None, tracking_uri: str | None = None):
     """The :class:`~lafma.pipeline.LafmaPipeline` behind ``uri``: a registry URI
     (``models:/lafma@champion``, ``models:/lafma/3``, ``runs:/<id>/model``), a downloaded pyfunc
-    directory, or a bare bundle directory (no MLflow needed)."""
+    directory, or a bare bundle directory (no MLflow needed).
+
+    No code from the artifact store runs: only the model's ``MLmodel`` file (YAML, for where
+    the bundle lies) and the bundle's own files (safetensors, JSON, a tokenizer) are fetched,
+    and :func:`lafma.bundle.load_bundle` checks each against the SHA-256 its manifest records.
+    The pyfunc (``lafma_pyfunc.py``) is for ``mlflow models serve``, not for these loads.
+    """
+    import torch
+
     from lafma.bundle import MANIFEST, load_bundle
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if os.path.isfile(os.path.join(uri, MANIFEST)):
-        import torch
-
-        return load_bundle(uri, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return load_bundle(uri, device=device)
     if os.path.isdir(uri) or "://" in uri or uri.startswith("models:/"):
         tracking.configure(root, uri=tracking_uri)
-        return mlflow.pyfunc.load_model(uri).unwrap_python_model().pipe
+        if os.path.isdir(uri):  # a downloaded pyfunc: its bundle is already here
+            return load_bundle(_bundle_artifact(uri, root=root), device=device)
+        with tempfile.TemporaryDirectory(prefix="lafma-bundle-") as tmp:
+            # Every weight is in memory once load_bundle returns; the copy can go.
+            return load_bundle(download_bundle(uri, root=root, dst=tmp), device=device)
     raise FileNotFoundError(f"no model at {uri!r}: expected models:/..., runs:/... or a bundle directory")

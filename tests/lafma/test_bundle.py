@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lafma.bundle import BundleError, check_bundle, load_bundle, write_bundle
+from lafma.bundle import BundleError, check_bundle, file_hashes, load_bundle, write_bundle
 from lafma.config import to_dict
 from lafma.models import build_pipeline, build_unet, build_vae, build_vocoder
 from pipelines.config import load_pipeline_config
@@ -60,13 +60,34 @@ def test_a_tampered_bundle_is_refused_when_loaded(tmp_path):
     write_bundle(str(bundle), components=components, weights=weights)
     check_bundle(str(bundle))
     (bundle / "vocoder.safetensors").write_bytes(Path(other_weights["vocoder"]).read_bytes())  # swapped by hand
+    with pytest.raises(BundleError, match="vocoder.safetensors has SHA-256"):
+        load_bundle(str(bundle))
+    # Even with the manifest's hashes rewritten to match, the mels do not.
+    manifest = json.loads((bundle / "lafma.json").read_text())
+    manifest["files"] = file_hashes(str(bundle))
+    manifest["components"]["vocoder"]["sha256"] = manifest["files"]["vocoder.safetensors"]
+    (bundle / "lafma.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="vocoder was trained on other mels"):
         load_bundle(str(bundle))
-    manifest = json.loads((bundle / "lafma.json").read_text())
     del manifest["components"]["unet"]
     (bundle / "lafma.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="no unet"):
         check_bundle(str(bundle))
+
+
+def test_a_bundle_written_before_per_file_hashes_is_checked_by_its_components_hashes(tmp_path):
+    components, weights, _ = export(tmp_path)
+    bundle = tmp_path / "bundle"
+    write_bundle(str(bundle), components=components, weights=weights)
+    manifest = json.loads((bundle / "lafma.json").read_text())
+    assert set(manifest.pop("files")) == {"unet.safetensors", "vae.safetensors", "vocoder.safetensors"}
+    (bundle / "lafma.json").write_text(json.dumps(manifest))
+    load_bundle(str(bundle))
+    data = bytearray((bundle / "unet.safetensors").read_bytes())
+    data[-1] ^= 1
+    (bundle / "unet.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="unet.safetensors has SHA-256"):
+        load_bundle(str(bundle))
 
 
 def test_a_directory_that_is_not_a_bundle_says_so(tmp_path):
@@ -102,3 +123,21 @@ def test_a_bundled_text_encoder_is_copied_whole_and_is_all_the_bundle_needs(tmp_
     assert pipe.text_encoder.dim == 32
     gen = pipe.generate(["a bell rings"], seeds=[3], steps=2)
     assert gen.audio.shape[0] == 1 and torch.isfinite(gen.audio).all()
+
+
+def test_a_file_slipped_into_a_bundled_text_encoder_is_refused(tmp_path):
+    encoder = small_t5_dir(tmp_path / "t5")
+    components, weights, _ = export(tmp_path, ["text.kind=t5", f"text.name_or_path={encoder}"])
+    bundle = tmp_path / "bundle"
+    manifest = write_bundle(str(bundle), components=components, weights=weights)
+    assert {f for f in manifest["files"] if f.startswith("text_encoder/")} == {
+        f"text_encoder/{p.relative_to(encoder)}" for p in encoder.rglob("*") if p.is_file()}
+    # transformers would read custom code or a pickled checkpoint it found there.
+    (bundle / "text_encoder" / "modeling_evil.py").write_text("raise SystemExit\n")
+    with pytest.raises(BundleError, match="text_encoder/modeling_evil.py is not in the manifest"):
+        load_bundle(str(bundle))
+    (bundle / "text_encoder" / "modeling_evil.py").unlink()
+    del manifest["files"]  # as an older bundle: an unverifiable encoder is refused, and says why
+    (bundle / "lafma.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no recorded hashes"):
+        load_bundle(str(bundle))

@@ -1,0 +1,59 @@
+"""Loading a model never runs code from the artifact store, and loads a bundle only as it was
+written: every file's SHA-256 is checked against the bundle's manifest (issue 15)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lafma.bundle import BundleError, load_bundle
+from pipelines.core import registry, tracking
+from tests.pipelines.test_generation_plan import make_bundle
+
+
+def artifact_file(root: Path, name: str) -> Path:
+    """The one file called ``name`` in the local artifact store under ``root``."""
+    found = [p for p in (root / "mlartifacts").rglob(name) if p.is_file()]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture()
+def registered(tmp_path) -> tuple[Path, str, str]:
+    """A random-weight bundle registered as version 1 of ``lafma`` in a store under ``tmp_path``."""
+    root = tmp_path / "store"
+    bundle = make_bundle(tmp_path / "bundle", 0)
+    run = tracking.start_run(root=str(root), experiment="loading", run_name="package")
+    version = registry.register(bundle, root=str(root), run_id=run, gate_metric="heldout/fm_loss", gate_value=1.0)
+    return root, bundle, version.uri
+
+
+def test_a_registered_model_loads_without_running_the_artifacts_code(registered, tmp_path):
+    root, bundle, uri = registered
+    marker = tmp_path / "ran"
+    # Whoever can write the artifact store replaces the pyfunc's code.
+    artifact_file(root, "lafma_pyfunc.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    pipe = registry.load_pipeline(uri, root=str(root), device="cpu")
+    assert not marker.exists()
+    want = load_bundle(bundle).generate(["a bell rings"], seeds=[1], steps=2).audio
+    assert torch.equal(pipe.generate(["a bell rings"], seeds=[1], steps=2).audio, want)
+
+
+@pytest.mark.parametrize("change", ["weights", "extra"])
+def test_a_registered_bundle_changed_in_the_artifact_store_is_refused_naming_the_file(registered, change):
+    root, _, uri = registered
+    vae = artifact_file(root, "vae.safetensors")
+    if change == "weights":
+        data = bytearray(vae.read_bytes())
+        data[-1] ^= 1  # one bit of one weight
+        vae.write_bytes(bytes(data))
+        match = r"vae\.safetensors has SHA-256 .* the manifest records"
+    else:  # a file transformers or torch would pick up, slipped in beside the weights
+        (vae.parent / "pytorch_model.bin").write_bytes(b"pickled")
+        match = r"pytorch_model\.bin is not in the manifest"
+    with pytest.raises(BundleError, match=match):
+        registry.load_pipeline(uri, root=str(root), device="cpu")
+    with pytest.raises(BundleError, match=match):  # the bundle beside it, loaded directly, alike
+        load_bundle(str(vae.parent))
