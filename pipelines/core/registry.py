@@ -370,6 +370,18 @@ def _tag_version(client, version: str, tags: Mapping[str, str]) -> None:
         client.set_model_version_tag(MODEL_NAME, version, k, v)
 
 
+def verified_identity(root: str) -> dict[str, str]:
+    """Who is moving the alias, as far as this process can tell without trusting ``--by``: the
+    OS account and host running it and, against a tracking server (whose basic-auth checked
+    them), the MLflow user. ``--by`` is what the person declared; these are recorded beside it."""
+    import socket
+
+    who = {"os": f"{getpass.getuser()}@{socket.gethostname()}"}
+    if tracking.tracking_uri(root).startswith(("http://", "https://")) and os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        who["mlflow"] = os.environ["MLFLOW_TRACKING_USERNAME"]
+    return who
+
+
 def promote(version: str, *, root: str, reason: str, by: str | None = None) -> str | None:
     """Point ``champion`` at ``version`` and push it onto the champion stack; record who, why,
     when and the previous champion as tags of the version, and in the champion log.
@@ -391,10 +403,12 @@ def promote(version: str, *, root: str, reason: str, by: str | None = None) -> s
     # _replayable cuts it back to the truth on the next move.
     _write_list(client, STACK_TAG, _replayable(_read_list(client, STACK_TAG), prev_v) + [version])
     client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-    who, now = by or getpass.getuser(), _now()
+    who, now, seen = by or getpass.getuser(), _now(), verified_identity(root)
     _tag_version(client, version, {"lafma.promoted_by": who, "lafma.promoted_reason": reason,
-                                   "lafma.promoted_at": now, "lafma.previous_champion": prev_v or ""})
-    _log(client, {"action": "promote", "version": version, "from": prev_v, "by": who, "at": now, "reason": reason})
+                                   "lafma.promoted_at": now, "lafma.previous_champion": prev_v or "",
+                                   **{f"lafma.promoted_by_{k}": v for k, v in seen.items()}})
+    _log(client, {"action": "promote", "version": version, "from": prev_v, "by": who, "verified": seen, "at": now,
+                  "reason": reason})
     return prev_v
 
 
@@ -435,10 +449,12 @@ def rollback(*, root: str, reason: str, by: str | None = None) -> str:
                          f"no longer exists ({e.message})") from e
     _write_list(client, STACK_TAG, stack[:-1])
     client.set_registered_model_alias(MODEL_NAME, CHAMPION, target)
-    who, now = by or getpass.getuser(), _now()
+    who, now, seen = by or getpass.getuser(), _now(), verified_identity(root)
     _tag_version(client, target, {"lafma.rolled_back_from": champ_v, "lafma.rolled_back_by": who,
-                                  "lafma.rolled_back_reason": reason, "lafma.rolled_back_at": now})
-    _log(client, {"action": "rollback", "version": target, "from": champ_v, "by": who, "at": now, "reason": reason})
+                                  "lafma.rolled_back_reason": reason, "lafma.rolled_back_at": now,
+                                  **{f"lafma.rolled_back_by_{k}": v for k, v in seen.items()}})
+    _log(client, {"action": "rollback", "version": target, "from": champ_v, "by": who, "verified": seen, "at": now,
+                  "reason": reason})
     return target
 
 

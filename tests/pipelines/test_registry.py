@@ -98,6 +98,23 @@ def test_rollback_keeps_the_promotion_record_of_the_version_it_returns_to(root):
     assert (log[-1]["from"], log[-1]["by"], log[-1]["reason"]) == (v3, "bob", "v3 clicks") and log[-1]["at"]
 
 
+def test_a_declared_name_is_recorded_beside_the_identity_the_process_can_verify(root, monkeypatch):
+    import getpass
+    import socket
+
+    v1, v2 = _version(root, 1.0), _version(root, 1.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")  # not a server URI: no MLflow user is verified
+    registry.promote(v1, root=root, reason="first", by="alice")
+    registry.promote(v2, root=root, reason="second", by="mallory")  # anyone can type a name
+    registry.rollback(root=root, reason="v2 clicks", by="mallory")
+    me = f"{getpass.getuser()}@{socket.gethostname()}"
+    tags = _tags(root, v2)
+    assert (tags["lafma.promoted_by"], tags["lafma.promoted_by_os"]) == ("mallory", me)
+    assert "lafma.promoted_by_mlflow" not in tags
+    assert (_tags(root, v1)["lafma.rolled_back_by"], _tags(root, v1)["lafma.rolled_back_by_os"]) == ("mallory", me)
+    assert [e["verified"] for e in _history(root)] == [{"os": me}] * 3
+
+
 def test_a_promotion_after_a_rollback_is_pushed_and_rolled_back_like_any_other(root):
     v1, v2, v3 = _three_by_hand(root)
     registry.rollback(root=root, reason="v3 clicks", by="bob")
