@@ -5,16 +5,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 import ray
 
 from pipelines.config import ComputeConfig
 from pipelines.core import console
 
-# Environment the workers need: S3 credentials and endpoint, and offline hub settings.
-FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-                 "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+# Environment the workers need: the S3 endpoint and region, offline hub settings, where tracking
+# and DeepSpeed's op cache live. Never credentials: Ray keeps a runtime env in its job table and
+# returns it in clear from the Jobs API, so workers get S3 and MLflow credentials from their own
+# node (instance profile, IRSA, the pod's env from a Secret; locally, the environment Ray was
+# started in). See SECURITY.md.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
                  "MLFLOW_TRACKING_URI", "TORCH_EXTENSIONS_DIR")
+
+
+def forwarded_env(names: Iterable[str] = FORWARDED_ENV) -> dict[str, str]:
+    """The variables of ``names`` set here, for a runtime env: a URI that carries a password
+    (``postgresql://user:secret@db/mlflow``) is left out, with a line saying so, for the same
+    reason no credential is forwarded."""
+    env = {}
+    for name in names:
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        if "://" in value and urlsplit(value).password:
+            print(f"[ray] not forwarding {name} to the workers: it carries a password, which Ray would keep in "
+                  "its job table; set it in the nodes' own environment", flush=True)
+            continue
+        env[name] = value
+    return env
 
 
 def init_ray(compute: ComputeConfig) -> None:
@@ -25,7 +47,7 @@ def init_ray(compute: ComputeConfig) -> None:
     # passing them again makes Ray refuse to merge the driver's runtime env with the job's.
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     job_env = (job.get("runtime_env") or {}).get("env_vars") or {}
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in job_env}
+    env = {k: v for k, v in forwarded_env().items() if k not in job_env}
     env |= {k: v for k, v in console.worker_env().items() if k not in job_env}
     # Ray Train patches print() in its workers to log through its logger *and*, because Ray has
     # wrapped sys.stdout, print as well: every line reached the driver twice. Plain print.

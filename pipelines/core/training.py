@@ -31,7 +31,6 @@ gradients, and D's next backward asserts (on the second iteration; see the GAN t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +49,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.core import storage
 from pipelines.core.checkpointing import load_checkpoint, save_checkpoint
-from pipelines.core.cluster import FORWARDED_ENV
+from pipelines.core.cluster import FORWARDED_ENV, forwarded_env
 from pipelines.core.stage import HOLD_ENV, hold_forever, hold_spec
 
 if TYPE_CHECKING:
@@ -198,8 +197,8 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
     # Workers inherit the raylet's environment, not the driver's: forward what they need
-    # (S3 endpoint and credentials, TORCH_EXTENSIONS_DIR for DeepSpeed's JIT-built ops).
-    env = {k: os.environ[k] for k in (*FORWARDED_ENV, HOLD_ENV) if k in os.environ}
+    # (the S3 endpoint, TORCH_EXTENSIONS_DIR for DeepSpeed's JIT-built ops), never credentials.
+    env = forwarded_env((*FORWARDED_ENV, HOLD_ENV))
     run_config = RunConfig(
         name=name,
         # Ray Train requires an absolute local path or a URI.

@@ -179,10 +179,14 @@ def test_ray_job_submit_runs_the_pipeline_on_a_running_cluster(tmp_path):
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
            "LAFMA_PROGRESS": "0",
            # Ray 2.60 starts clusters with token auth on; the job CLI sends the token only in this mode.
-           "RAY_AUTH_MODE": "token"}
+           "RAY_AUTH_MODE": "token",
+           # Credentials in the environment of the node the job's driver runs on: the workers may
+           # inherit them from the node, but no record Ray or MLflow keeps may hold them.
+           **FAKE_CREDENTIALS}
     env.pop("RAY_ADDRESS", None)
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    dashboard = start_head(ray, temp_dir, env)["dashboard"]
+    ports = start_head(ray, temp_dir, env)
+    dashboard = ports["dashboard"]
     try:
         submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
                   "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
@@ -199,5 +203,40 @@ def test_ray_job_submit_runs_the_pipeline_on_a_running_cluster(tmp_path):
         assert all(table.get(s) == "ran" for s in STAGE_NAMES), table
         assert set(markers(store)) == set(STAGE_NAMES)
         assert "models:/lafma/1" in out.stdout  # registered in the store under storage.root
+        records = {"the GCS job table": _gcs_job_table(ports["gcs"], env),
+                   "the Jobs API": subprocess.run([ray, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+                                                  capture_output=True, text=True, timeout=60, env=env).stdout,
+                   "Ray's logs": _ray_logs(temp_dir), "MLflow's params and tags": _mlflow_records(store)}
+        assert "runtime_env" in records["the Jobs API"] and "lafma.stage" in records["MLflow's params and tags"]
+        for where, text in records.items():
+            for name, secret in FAKE_CREDENTIALS.items():
+                assert secret not in text, f"{name} found in {where}"
     finally:
         _stop_cluster(temp_dir)
+
+
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAFAKEID0000LAFMA", "AWS_SECRET_ACCESS_KEY": "fake-secret-0f1e2d3c4b5a",
+                    "AWS_SESSION_TOKEN": "fake-session-token-9a8b7c6d", "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-pw-55aa"}
+
+
+def _gcs_job_table(gcs_port: int, env: dict) -> str:
+    """Every job's config as the GCS keeps it (the runtime env a driver's ray.init passed)."""
+    code = ("import sys; from ray._raylet import GcsClient; "
+            "print({k.hex(): str(v) for k, v in GcsClient(address=sys.argv[1]).get_all_job_info().items()})")
+    out = subprocess.run([sys.executable, "-c", code, f"127.0.0.1:{gcs_port}"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0 and "runtime_env" in out.stdout, out.stderr[-2000:]
+    return out.stdout
+
+
+def _ray_logs(temp_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in temp_dir.rglob("logs/**/*") if p.is_file())
+
+
+def _mlflow_records(store: Path) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    versions = client.search_model_versions()
+    return json.dumps([[r.data.params, r.data.tags] for r in runs] + [v.tags for v in versions])
