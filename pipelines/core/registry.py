@@ -20,6 +20,7 @@ import getpass
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 PYFUNC_CODE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lafma_pyfunc.py")
 # Version tags. The gate metric travels with the version so any two versions can be compared.
 GATE_METRIC_TAG, GATE_VALUE_TAG, GATE_MODE_TAG = "lafma.gate.metric", "lafma.gate.value", "lafma.gate.mode"
+# The SHA-256 of the version's bundle manifest, kept in the registry (its database), not beside
+# the files: the manifest holds every file's hash, so the artifact store alone cannot change a
+# registered model without the load noticing.
+MANIFEST_TAG = "lafma.bundle_manifest_sha256"
 INPUT_COLUMNS = {"caption": "string", "seed": "long", "steps": "long", "guidance": "double", "solver": "string",
                  "duration": "double"}
 # Clips per pipeline call in ``predict``: batch generation's default (GenerationSettings),
@@ -131,9 +136,12 @@ def register(bundle_dir: str, *, root: str, run_id: str, gate_metric: str, gate_
             input_example=pd.DataFrame({"caption": ["a dog barks twice"], "seed": [0], "steps": [2]}),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                               "safetensors", "transformers", "torchaudio", "soundfile"])
+    from lafma.bundle import MANIFEST, file_sha256
+
     version = str(info.registered_model_version)
     mark_candidate(version, root=root, gate_metric=gate_metric, gate_value=gate_value,
-                   lower_is_better=lower_is_better, tags={**(tags or {}), "lafma.run_id": run_id})
+                   lower_is_better=lower_is_better, tags={**(tags or {}), "lafma.run_id": run_id,
+                                                          MANIFEST_TAG: file_sha256(os.path.join(bundle_dir, MANIFEST))})
     return Registered(version, f"models:/{MODEL_NAME}/{version}")
 
 
@@ -486,6 +494,28 @@ def bundle_manifest(uri: str, *, root: str) -> dict:
         return read_bundle_manifest(os.path.dirname(file))
 
 
+_VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
+
+
+def _check_registered_manifest(uri: str, bundle: str, *, root: str) -> None:
+    """Raise :class:`~lafma.bundle.BundleError` if ``bundle``, downloaded for the registry
+    version ``uri`` names, has another manifest than the one registered (:data:`MANIFEST_TAG`).
+    Versions registered before the tag was kept, and ``runs:/`` URIs, have only the manifest's
+    own per-file hashes."""
+    from lafma.bundle import MANIFEST, BundleError, file_sha256
+
+    m = _VERSION_URI.match(uri)
+    if m is None:
+        return
+    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    mv = (client.get_model_version(m["name"], m["version"]) if m["version"]
+          else client.get_model_version_by_alias(m["name"], m["alias"]))
+    want = mv.tags.get(MANIFEST_TAG)
+    if want and (found := file_sha256(os.path.join(bundle, MANIFEST))) != want:
+        raise BundleError(f"{uri} (v{mv.version}): its bundle's {MANIFEST} has SHA-256 {found[:16]}…, the registry "
+                          f"recorded {want[:16]}… when it was registered; refusing a model changed in the artifact store")
+
+
 def load_pipeline(uri: str, *, root: str, device: str | None = None, tracking_uri: str | None = None):
     """The :class:`~lafma.pipeline.LafmaPipeline` behind ``uri``: a registry URI
     (``models:/lafma@champion``, ``models:/lafma/3``, ``runs:/<id>/model``), a downloaded pyfunc
@@ -508,6 +538,8 @@ def load_pipeline(uri: str, *, root: str, device: str | None = None, tracking_ur
         if os.path.isdir(uri):  # a downloaded pyfunc: its bundle is already here
             return load_bundle(_bundle_artifact(uri, root=root), device=device)
         with tempfile.TemporaryDirectory(prefix="lafma-bundle-") as tmp:
+            bundle = download_bundle(uri, root=root, dst=tmp)
+            _check_registered_manifest(uri, bundle, root=root)
             # Every weight is in memory once load_bundle returns; the copy can go.
-            return load_bundle(download_bundle(uri, root=root, dst=tmp), device=device)
+            return load_bundle(bundle, device=device)
     raise FileNotFoundError(f"no model at {uri!r}: expected models:/..., runs:/... or a bundle directory")

@@ -3,12 +3,13 @@ written: every file's SHA-256 is checked against the bundle's manifest (issue 15
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from lafma.bundle import BundleError, load_bundle
+from lafma.bundle import MANIFEST, BundleError, file_hashes, load_bundle
 from pipelines.core import registry, tracking
 from tests.pipelines.test_generation_plan import make_bundle
 
@@ -57,3 +58,24 @@ def test_a_registered_bundle_changed_in_the_artifact_store_is_refused_naming_the
         registry.load_pipeline(uri, root=str(root), device="cpu")
     with pytest.raises(BundleError, match=match):  # the bundle beside it, loaded directly, alike
         load_bundle(str(vae.parent))
+
+
+def test_a_bundle_rewritten_whole_in_the_artifact_store_is_refused_by_the_registry_record(registered):
+    # Weights and the manifest's hashes changed together: the bundle is consistent in itself,
+    # but its manifest is not the one the registry recorded when the version was registered.
+    root, _, uri = registered
+    vae = artifact_file(root, "vae.safetensors")
+    data = bytearray(vae.read_bytes())
+    data[-1] ^= 1
+    vae.write_bytes(bytes(data))
+    manifest_file = vae.parent / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"] = file_hashes(str(vae.parent))
+    manifest["components"]["vae"]["sha256"] = manifest["files"]["vae.safetensors"]
+    manifest_file.write_text(json.dumps(manifest))
+    load_bundle(str(vae.parent))  # self-consistent
+    with pytest.raises(BundleError, match=r"models:/lafma/1 \(v1\): its bundle's lafma.json has SHA-256 .* the "
+                                          r"registry recorded"):
+        registry.load_pipeline(uri, root=str(root), device="cpu")
+    with pytest.raises(BundleError, match="the registry recorded"):  # by its alias alike
+        registry.load_pipeline("models:/lafma@candidate", root=str(root), device="cpu")
