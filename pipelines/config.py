@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from lafma.config import LafmaConfig, load_config, require
+from lafma.data.manifest import scheme_refusal
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,19 @@ class DataConfig:
     max_segments: int = 8
     # Longer than this is not audio we want (a mis-labelled podcast, a corrupt length field).
     max_seconds: float = 3600.0
+    # Bounds on one input file, checked before it is read or decoded, so no file can exhaust a
+    # worker's memory: its size (MiB, from the filesystem), and from its header the sample rate
+    # (192 kHz is the highest rate studio formats use) and the channels (7.1 surround is 8).
+    max_file_mb: float = 512.0
+    max_sample_rate: int = 192000
+    max_channels: int = 8
+    # Schemes a manifest, audio_dir and each manifest row may name: "file" is a local path. A
+    # manifest is data, not configuration: with http allowed, a row could make a worker fetch
+    # any address its network reaches (a cloud metadata endpoint, an internal service).
+    allowed_schemes: tuple[str, ...] = ("file", "s3")
+    # Seconds one remote file may take to read (fsspec's async filesystems, s3 among them):
+    # longer is a reject ("timeout"), so a stalled connection cannot hold a shard forever.
+    read_timeout: float = 120.0
     # A clip whose RMS is below this (dBFS) is silent: rejected.
     silence_db: float = -70.0
     # Captions longer than this many characters are truncated, not rejected.
@@ -58,6 +72,17 @@ class DataConfig:
         require(self.demo_clips >= 0, f"{prefix}.demo_clips", "must be >= 0")
         require(self.max_segments >= 1, f"{prefix}.max_segments", "must be >= 1")
         require(self.max_seconds > 0, f"{prefix}.max_seconds", "must be positive")
+        require(self.max_file_mb > 0, f"{prefix}.max_file_mb", "must be positive")
+        require(self.max_sample_rate >= 1, f"{prefix}.max_sample_rate", "must be >= 1 (Hz)")
+        require(self.max_channels >= 1, f"{prefix}.max_channels", "must be >= 1")
+        require(bool(self.allowed_schemes) and all(s.isascii() and s.isalnum() and s == s.lower()
+                                                   for s in self.allowed_schemes), f"{prefix}.allowed_schemes",
+                "must be a non-empty list of lower-case scheme names (file, s3, ...)")
+        for key in ("manifest", "audio_dir"):
+            uri = getattr(self, key)
+            why = scheme_refusal(uri, self.allowed_schemes) if uri else None
+            require(why is None, f"{prefix}.{key}", f"{why}: add its scheme to {prefix}.allowed_schemes to read it")
+        require(self.read_timeout > 0, f"{prefix}.read_timeout", "must be positive (seconds)")
         require(self.silence_db < 0, f"{prefix}.silence_db", "must be negative (dBFS)")
         require(self.max_caption_chars > 0, f"{prefix}.max_caption_chars", "must be positive")
         require(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")

@@ -82,6 +82,30 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def uri_schemes(uri: str) -> tuple[str, ...]:
+    """The schemes fsspec would read ``uri`` through, outermost first: ``("file",)`` for a plain
+    path, ``("s3",)`` for ``s3://b/k``, ``("simplecache", "s3")`` for a chained
+    ``simplecache::s3://b/k`` (every link of a chain opens something, so every link counts)."""
+    parts = uri.split("::")
+    out = []
+    for i, part in enumerate(parts):
+        if "://" in part:
+            out.append(part.split("://", 1)[0].lower())
+        else:  # a bare protocol name links a chain; only the last link may be a plain path
+            out.append(part.lower() if i < len(parts) - 1 else "file")
+    return tuple(out)
+
+
+def scheme_refusal(uri: str, allowed: Iterable[str]) -> str | None:
+    """Why ``uri`` may not be read under the ``allowed`` schemes (``"http:// is not allowed
+    (allowed: file, s3)"``), or None when it may."""
+    allowed = tuple(allowed)
+    bad = [s for s in uri_schemes(uri) if s not in allowed]
+    if not bad:
+        return None
+    return f"{bad[0]}:// is not allowed (allowed: {', '.join(allowed)})"
+
+
 def resolve(path: str, base: str) -> str:
     """A manifest's audio path: absolute paths and URIs as they are, others under ``base``."""
     if "://" in path or path.startswith("/") or not base:
@@ -185,9 +209,12 @@ def surplus_fields(rec: dict[str, Any], rid: str) -> dict[str, Any] | None:
 class ManifestBuilder:
     """Collects rows and rejects with the checks every layout shares, and where splits came from."""
 
-    def __init__(self, layout: str, max_caption_chars: int, rejects: Iterable[dict[str, Any]] = ()):
+    def __init__(self, layout: str, max_caption_chars: int, rejects: Iterable[dict[str, Any]] = (),
+                 allowed_schemes: Iterable[str] | None = None):
         self.manifest = Manifest(rejects=list(rejects), layout=layout)
         self.max_caption_chars = max_caption_chars
+        # None: any scheme (the caller checks later); else a row naming another is rejected.
+        self.allowed_schemes = None if allowed_schemes is None else tuple(allowed_schemes)
         self._seen: set[str] = set()
         self._sources: set[str] = set()
 
@@ -210,6 +237,10 @@ class ManifestBuilder:
             return self.reject(stable_id(rid), audio_uri, "bad_manifest_row", "id or path is not valid UTF-8")
         if not audio:
             return self.reject(rid, audio_uri, "missing_audio_path")
+        # A manifest is data, not configuration: a row naming http://169.254.169.254/... must not
+        # make a worker fetch it from inside the network.
+        if self.allowed_schemes is not None and (why := scheme_refusal(audio_uri, self.allowed_schemes)):
+            return self.reject(rid, audio_uri, "scheme_not_allowed", why)
         cleaned = [clean_caption(c, self.max_caption_chars) for c in captions]
         kept = [c for c, _ in cleaned if c is not None]
         if not kept:
@@ -283,7 +314,8 @@ def manifest_digest(uri: str) -> str:
 
 
 def read_manifest(uri: str, *, layout: str = "auto", audio_dir: str = "",
-                  audiocaps_pattern: str = "{youtube_id}.wav", max_caption_chars: int = 512) -> Manifest:
+                  audiocaps_pattern: str = "{youtube_id}.wav", max_caption_chars: int = 512,
+                  allowed_schemes: Iterable[str] | None = None) -> Manifest:
     """Read a manifest file or directory into clean rows and rejects (see the module docstring).
 
     Args:
@@ -293,6 +325,9 @@ def read_manifest(uri: str, *, layout: str = "auto", audio_dir: str = "",
             a directory's audio is inside it, so it takes none.
         audiocaps_pattern: an AudioCaps row's audio file name, from its columns.
         max_caption_chars: longer captions are cut at a word.
+        allowed_schemes: a file's rows whose audio URI has another scheme (:func:`uri_schemes`)
+            are rejected as ``scheme_not_allowed``; None accepts any. A directory's audio lies
+            inside it, under its own scheme.
 
     Raises:
         ValueError: a layout that does not fit ``uri``, or one that cannot be told.
@@ -313,7 +348,7 @@ def read_manifest(uri: str, *, layout: str = "auto", audio_dir: str = "",
         layout = detect_layout(records[0].keys()) if records else "generic"
     base = audio_dir or _parent(uri)
     name_split = (_split_from_name(uri), "file name")
-    out = ManifestBuilder(layout, max_caption_chars, rejects)
+    out = ManifestBuilder(layout, max_caption_chars, rejects, allowed_schemes)
     for n, rec in enumerate(records, 1):
         if (bad := surplus_fields(rec, f"row-{n}")) is not None:
             out.manifest.rejects.append(bad)

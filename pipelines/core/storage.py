@@ -2,6 +2,10 @@
 
 Credentials and a custom S3 endpoint come from the environment (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``), never from configs.
+
+What the pipeline writes it reads back whole (:func:`read_bytes`); an input it is given (a
+manifest's audio) it reads through :func:`read_bounded`: allowed schemes only, regular files
+only, at most a set number of bytes, within a set time.
 """
 
 from __future__ import annotations
@@ -10,15 +14,31 @@ import io
 import json
 import os
 import posixpath
+import stat
+import time
 import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.asyn import AsyncFileSystem
+from fsspec.exceptions import FSTimeoutError
 from fsspec.implementations.local import LocalFileSystem
 
-from lafma.data.manifest import is_remote  # noqa: F401 — one definition, re-exported
+from lafma.data.manifest import is_remote, scheme_refusal  # noqa: F401 — one definition, re-exported
+
+# botocore's socket limits for every S3 call (s3fs's own retry loop runs around these): a
+# stalled endpoint fails a request in seconds instead of holding a task. read_timeout is per
+# socket read, not per transfer, so large uploads and downloads are not cut short.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+# Through fsspec's per-protocol defaults, not fs_and_path's arguments: every S3 filesystem of the
+# process (this module's, and fsspec.open's in lafma's manifest readers) is then made with the
+# same options, so it stays the one cached instance whose listings _fresh() forgets. What a
+# user's own fsspec configuration sets wins.
+_s3_defaults = fsspec.config.conf.setdefault("s3", {})
+_s3_defaults["config_kwargs"] = {**S3_CONFIG, **_s3_defaults.get("config_kwargs", {})}
 
 
 def fs_and_path(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -54,6 +74,108 @@ def read_bytes(uri: str) -> bytes:
     fs, path = fs_and_path(uri)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+class InputRefused(ValueError):
+    """An input :func:`read_bounded` will not read. ``reason`` is a rejects-table code:
+    ``scheme_not_allowed``, ``not_a_file``, ``too_large`` or ``timeout``."""
+
+    def __init__(self, uri: str, reason: str, detail: str):
+        super().__init__(f"{uri}: {reason} ({detail})")
+        self.uri, self.reason, self.detail = uri, reason, detail
+
+    def __reduce__(self):  # crosses process boundaries (Ray) with its fields
+        return type(self), (self.uri, self.reason, self.detail)
+
+
+def check_scheme(uri: str, allowed: Iterable[str]) -> None:
+    """Raises :class:`InputRefused` (``scheme_not_allowed``) unless every scheme ``uri`` reads
+    through (:func:`lafma.data.manifest.uri_schemes`) is in ``allowed``."""
+    if (why := scheme_refusal(uri, allowed)) is not None:
+        raise InputRefused(uri, "scheme_not_allowed", why)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _read_local(uri: str, path: str, max_bytes: int) -> bytes:
+    # stat first: opening a device can do something (rewind a tape, block on a FIFO's writer).
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputRefused(uri, "not_a_file", _kind(st.st_mode))
+    # O_NONBLOCK: should the path become a FIFO between stat and open, open returns at once and
+    # fstat below refuses it. It changes nothing for a regular file.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputRefused(uri, "not_a_file", _kind(st.st_mode))
+        if st.st_size > max_bytes:
+            raise InputRefused(uri, "too_large", f"{_mb(st.st_size)} > {_mb(max_bytes)}")
+        chunks, n = [], 0
+        while n <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - n))):
+            chunks.append(chunk)
+            n += len(chunk)
+    finally:
+        os.close(fd)
+    if n > max_bytes:  # it grew after fstat
+        raise InputRefused(uri, "too_large", f"more than {_mb(max_bytes)}")
+    return b"".join(chunks)
+
+
+def _read_remote(uri: str, fs: fsspec.AbstractFileSystem, path: str, max_bytes: int, timeout: float) -> bytes:
+    # An async filesystem (s3fs) takes a time limit per call (past it the request is cancelled);
+    # the two calls share one deadline.
+    deadline = time.monotonic() + timeout
+
+    def limit() -> dict:
+        return {"timeout": max(deadline - time.monotonic(), 1e-3)} if isinstance(fs, AsyncFileSystem) else {}
+
+    try:
+        info = fs.info(path, **limit())
+        if info.get("type") != "file":
+            raise InputRefused(uri, "not_a_file", f"a {info.get('type') or 'non-file'} entry")
+        if (size := info.get("size")) is not None and int(size) > max_bytes:
+            raise InputRefused(uri, "too_large", f"{_mb(int(size))} > {_mb(max_bytes)}")
+        data = fs.cat_file(path, start=0, end=max_bytes + 1, **limit())
+    except FSTimeoutError:
+        raise InputRefused(uri, "timeout", f"not read within {timeout:g} s") from None
+    if len(data) > max_bytes:
+        raise InputRefused(uri, "too_large", f"more than {_mb(max_bytes)}")
+    return data
+
+
+def read_bounded(uri: str, *, max_bytes: int, allowed_schemes: Iterable[str] = ("file", "s3"),
+                 timeout: float = 120.0) -> bytes:
+    """The bytes of one input file, read only if it is safe to.
+
+    Args:
+        uri: a local path, ``file://`` or a remote URI.
+        max_bytes: a larger file is refused, from its size before any byte is read; at most
+            ``max_bytes + 1`` bytes are ever read, so a file that grows meanwhile is refused too.
+        allowed_schemes: schemes ``uri`` may use (``file``: a local path).
+        timeout: seconds a remote read may take, on filesystems that support a deadline.
+
+    Raises:
+        InputRefused: another scheme, not a regular file (a directory, device, FIFO, socket),
+            larger than ``max_bytes``, or not read within ``timeout``.
+        FileNotFoundError: nothing at ``uri``.
+        OSError: any other failure to read it.
+    """
+    check_scheme(uri, allowed_schemes)
+    fs, path = fs_and_path(uri)
+    if isinstance(fs, LocalFileSystem):
+        return _read_local(uri, path, max_bytes)
+    return _read_remote(uri, fs, path, max_bytes, timeout)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -104,6 +226,15 @@ def size(uri: str) -> int:
 
 def read_parquet_file(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(io.BytesIO(read_bytes(uri)), columns=columns)
+
+
+def iter_parquet_batches(uri: str, columns: list[str] | None = None,
+                         batch_size: int = 64) -> Iterator[pa.RecordBatch]:
+    """The rows of one Parquet file, ``batch_size`` at a time (only ``columns``): a table far
+    larger than memory can be scanned, and only the columns asked for are fetched."""
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
 
 
 def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table:

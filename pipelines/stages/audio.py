@@ -39,23 +39,39 @@ SCHEMA = pa.schema([
 ])
 
 
+BOUND_KEYS = ("max_file_mb", "max_sample_rate", "max_channels", "allowed_schemes")
+DEFAULT_DATA = DataConfig()
+
+
 @functools.lru_cache(maxsize=4)
 def _mel_fn(mel: MelConfig) -> MelSpectrogram:
     return MelSpectrogram.from_config(mel)
 
 
 def process_file(row: dict, mel: MelConfig, data: DataConfig, clip_samples: int) -> tuple[list[dict], dict | None]:
-    """One manifest row → (clip rows, None) or ([], reject)."""
+    """One manifest row → (clip rows, None) or ([], reject).
+
+    Every bound comes before the work it protects: the scheme, the file's type and size before
+    a byte is read (:func:`pipelines.core.storage.read_bounded`), the header's rate, channels
+    and length before a sample is decoded, and only the audio the clips keep is decoded.
+    """
     uri = row["audio_uri"]
     reject = {"id": row["id"], "audio_uri": uri}
     try:
-        raw = storage.read_bytes(uri)
+        raw = storage.read_bounded(uri, max_bytes=int(data.max_file_mb * 2**20), allowed_schemes=data.allowed_schemes,
+                                   timeout=data.read_timeout)
+    except storage.InputRefused as e:
+        return [], {**reject, "reason": e.reason, "detail": e.detail[:200]}
     except FileNotFoundError:
         return [], {**reject, "reason": "missing", "detail": "no such file"}
     except (OSError, ValueError) as e:
         return [], {**reject, "reason": "unreadable", "detail": str(e)[:200]}
+    # cut_clips keeps the start of a file: one clip (crop) or up to max_segments of them.
+    kept_samples = clip_samples * (1 if data.long_clips == "crop" else data.max_segments)
     try:
-        wav = load_audio(raw, mel.sample_rate, name=uri, max_seconds=data.max_seconds)
+        wav = load_audio(raw, mel.sample_rate, name=uri, max_seconds=data.max_seconds,
+                         max_sample_rate=data.max_sample_rate, max_channels=data.max_channels,
+                         decode_seconds=kept_samples / mel.sample_rate)
         clips = cut_clips(wav, sample_rate=mel.sample_rate, clip_samples=clip_samples, min_samples=mel.n_fft,
                           mode=data.long_clips, max_segments=data.max_segments, max_seconds=data.max_seconds,
                           silence_db=data.silence_db)
@@ -111,7 +127,10 @@ class AudioStage(Stage):
         d = ctx.cfg.data
         return {"ingest": ctx.hashes["ingest"], "mel": ctx.cfg.mel, "clip_seconds": ctx.cfg.audio.clip_seconds,
                 "long_clips": d.long_clips, "max_segments": d.max_segments, "max_seconds": d.max_seconds,
-                "silence_db": d.silence_db, "shard_size": d.shard_size}
+                "silence_db": d.silence_db, "shard_size": d.shard_size,
+                # The input bounds decide what is rejected; at their defaults they keep the key an
+                # audio stage had before they existed, so its output is not computed again.
+                **{k: getattr(d, k) for k in BOUND_KEYS if getattr(d, k) != getattr(DEFAULT_DATA, k)}}
 
     def run(self, ctx: StageContext, out_dir: str) -> dict:
         manifest = storage.read_parquet_dir(ctx.outputs["ingest"]).to_pylist()

@@ -16,12 +16,14 @@ generated, the real and the caption sets is clip ``ids[i]``) and the ids of the 
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import os
 import time
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from lafma.config import MelConfig
@@ -43,6 +45,9 @@ EMBED_BATCH = 16
 # fitted on: linear models over frozen embeddings, which a thousand examples fit well; more
 # would only lengthen loading and embedding them.
 TRAIN_CLIPS = 1024
+# Audio-stage rows read at a time while loading clips: a batch of waveforms and mels (about
+# 1 MB a row for ten-second clips) beside the clips already chosen.
+CLIP_BATCH = 16
 LOGGED_CLIPS = 64  # generated held-out clips whose audio is logged to MLflow
 # Held-out clips drawn in the spectrogram sheet: rows enough to see a pattern, few enough
 # that the sheet stays one image a reader takes in at once.
@@ -58,20 +63,40 @@ MIN_CLIPS_PER_CLASS = 2
 
 def load_clips(audio_dir: str, splits: tuple[str, ...], limit: int) -> list[dict]:
     """Clips of ``splits`` from the audio stage (first ``limit`` by id), with their waveform,
-    mel (n_mels, T) and attributes."""
-    rows = []
-    cols = ["id", "caption", "split", "attributes", "waveform", "valid_samples", "mel", "n_mels", "frames"]
-    for uri in storage.list_files(audio_dir, ".parquet"):
-        for r in storage.read_parquet_file(uri, cols).to_pylist():
-            if r["split"] in splits:
-                rows.append(r)
-    rows.sort(key=lambda r: r["id"])
-    out = []
-    for r in rows[:limit]:
-        out.append({"id": r["id"], "caption": r["caption"], "split": r["split"],
-                    "attributes": json.loads(r["attributes"] or "{}"),
-                    "waveform": np.asarray(r["waveform"], np.float32),
-                    "mel": np.asarray(r["mel"], np.float32).reshape(r["n_mels"], r["frames"])})
+    mel (n_mels, T) and attributes.
+
+    Two passes, so the driver never holds the whole table: ids and splits first, to choose the
+    clips, then the chosen rows' audio, a batch of rows at a time.
+    """
+    files = storage.list_files(audio_dir, ".parquet")
+
+    def candidates():  # (id, file, row) of every clip of ``splits``, in file and row order
+        for f, uri in enumerate(files):
+            row = 0
+            for batch in storage.iter_parquet_batches(uri, ["id", "split"], batch_size=4096):
+                for rid, split in zip(batch.column("id").to_pylist(), batch.column("split").to_pylist()):
+                    if split in splits:
+                        yield rid, f, row
+                    row += 1
+
+    # nsmallest is sorted(...)[:limit] (stable: equal ids keep file and row order) holding only
+    # ``limit`` candidates at a time.
+    chosen = heapq.nsmallest(limit, candidates(), key=lambda t: t[0])
+    wanted: dict[int, dict[int, int]] = {}  # file -> {row in the file: position in the result}
+    for pos, (_, f, row) in enumerate(chosen):
+        wanted.setdefault(f, {})[row] = pos
+    out: list = [None] * len(chosen)  # every chosen row is filled in from its file below
+    cols = ["id", "caption", "split", "attributes", "waveform", "mel", "n_mels", "frames"]
+    for f, rows in sorted(wanted.items()):
+        start = 0
+        for batch in storage.iter_parquet_batches(files[f], cols, batch_size=CLIP_BATCH):
+            take = [i for i in range(batch.num_rows) if start + i in rows]
+            for i, r in zip(take, batch.take(pa.array(take, pa.int64())).to_pylist()):
+                out[rows[start + i]] = {"id": r["id"], "caption": r["caption"], "split": r["split"],
+                                        "attributes": json.loads(r["attributes"] or "{}"),
+                                        "waveform": np.asarray(r["waveform"], np.float32),
+                                        "mel": np.asarray(r["mel"], np.float32).reshape(r["n_mels"], r["frames"])}
+            start += batch.num_rows
     return out
 
 

@@ -51,6 +51,8 @@ def ensure_demo_corpus(ctx: StageContext) -> str:
     return manifest
 
 
+DEFAULT_SCHEMES = DataConfig().allowed_schemes
+
 # Fewer held-out clips than this and evaluation cannot score (two halves of two clips for
 # real vs real); pipelines.stages.evaluate refuses, and the preflight says so before any stage.
 MIN_HELD_OUT = 4
@@ -60,7 +62,7 @@ MIN_HELD_OUT = 4
 def _parsed(uri: str, digest: str, d: DataConfig) -> Manifest:
     """The manifest as read, once per content (``digest``): key() and run() both need it."""
     return read_manifest(uri, layout=d.layout, audio_dir=d.audio_dir, audiocaps_pattern=d.audiocaps_pattern,
-                         max_caption_chars=d.max_caption_chars)
+                         max_caption_chars=d.max_caption_chars, allowed_schemes=d.allowed_schemes)
 
 
 def _absolute(uri: str) -> str:
@@ -112,6 +114,10 @@ class IngestStage(Stage):
             drawn = draws_splits(d.manifest, d, digest)
         if drawn:  # only then: a manifest that gives its splits keeps the key it had
             source["heldout"] = {"splits": d.splits, "fraction": d.heldout_fraction, "min": d.heldout_min}
+        # Only when changed, so a default config keeps the key it had; a manifest an older run
+        # ingested with other schemes in it is still safe: the audio stage refuses them too.
+        if d.allowed_schemes != DEFAULT_SCHEMES:
+            source["allowed_schemes"] = list(d.allowed_schemes)
         return {**source, "layout": d.layout, "audio_dir": d.audio_dir, "pattern": d.audiocaps_pattern,
                 "max_caption_chars": d.max_caption_chars}
 

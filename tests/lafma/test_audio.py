@@ -6,6 +6,7 @@ import soundfile as sf
 import torch
 
 from lafma.audio import AudioError, MelSpectrogram, fit_length, load_audio, read_audio, resample
+from lafma.audio.io import MAX_RESAMPLE_KERNEL, resample_kernel_size
 from lafma.config import MelConfig
 
 SR = 16000
@@ -128,6 +129,60 @@ def test_unusable_input_raises_the_typed_error_naming_file_and_reason(tmp_path, 
         load_audio(path, SR)
     assert e.value.reason == reason
     assert str(path) in str(e.value)
+
+
+def _wav_bytes(seconds: float, sr: int, channels: int = 1) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([tone(440, seconds, sr)] * channels, axis=1), sr, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("raw, caps, reason", [
+    (_wav_bytes(0.05, SR, channels=8), {"max_channels": 2}, "too_many_channels"),
+    (_wav_bytes(0.01, 384000), {"max_sample_rate": 192000}, "rate_too_high"),
+    (_wav_bytes(2.0, SR), {"max_seconds": 1.0}, "too_long"),
+])
+def test_header_caps_refuse_before_decoding(raw, caps, reason, monkeypatch):
+    monkeypatch.setattr(sf, "read", lambda *a, **k: pytest.fail("decoded a file its header refuses"))
+    with pytest.raises(AudioError) as e:
+        read_audio(raw, name="s3://b/x.wav", **caps)
+    assert e.value.reason == reason and "s3://b/x.wav" in str(e.value)
+
+
+def test_within_the_header_caps_reads_as_before():
+    raw = _wav_bytes(0.5, 48000, channels=2)
+    np.testing.assert_array_equal(read_audio(raw, max_channels=2, max_sample_rate=48000, max_seconds=1)[0],
+                                  read_audio(raw)[0])
+
+
+@pytest.mark.parametrize("sr", [16000, 22050, 44100, 48000])
+def test_decode_seconds_decodes_the_start_and_resamples_it_as_the_whole_file(sr):
+    import io
+
+    x = (0.1 * np.random.default_rng(0).standard_normal((12 * sr, 2))).astype(np.float32)
+    sf.write(buf := io.BytesIO(), x, sr, format="FLAC")
+    whole = load_audio(buf.getvalue(), SR)
+    start = load_audio(buf.getvalue(), SR, decode_seconds=3.0)
+    assert 3 * SR < len(start) < 5 * SR < len(whole)  # 3 s and the margin, not 12 s
+    assert torch.equal(start[: 3 * SR], whole[: 3 * SR])
+
+
+def test_resample_kernel_size_is_torchaudios():
+    from torchaudio.functional.functional import _get_sinc_resample_kernel
+
+    for sr in (8000, 22050, 44100, 48000, 7350, 44056):
+        kernel, _ = _get_sinc_resample_kernel(sr, SR, math.gcd(sr, SR))
+        assert resample_kernel_size(sr, SR) == kernel.numel()
+
+
+def test_a_rate_whose_resampling_filter_would_fill_memory_is_refused():
+    # 44101 Hz shares no factor with 16 kHz: a 706 M-value filter (5.6 GB while built).
+    assert resample_kernel_size(44101, SR) > MAX_RESAMPLE_KERNEL > resample_kernel_size(44056, SR)
+    with pytest.raises(AudioError) as e:
+        load_audio(_wav_bytes(0.05, 44101), SR, name="odd.wav")
+    assert e.value.reason == "bad_rate" and "44101 Hz" in str(e.value)
 
 
 def test_resample_keeps_pitch_and_duration():
