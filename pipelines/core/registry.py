@@ -67,6 +67,9 @@ class LafmaModel(mlflow.pyfunc.PythonModel):
         self.pipe = load_bundle(context.artifacts["bundle"], device=device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from pipelines.core.limits import check_request
+
+        check_request(model_input)  # rows, steps, duration: a 400 before any work
         return generate_frame(self.pipe, pd.DataFrame(model_input))
 
 

@@ -79,3 +79,22 @@ def test_a_bundle_rewritten_whole_in_the_artifact_store_is_refused_by_the_regist
         registry.load_pipeline(uri, root=str(root), device="cpu")
     with pytest.raises(BundleError, match="the registry recorded"):  # by its alias alike
         registry.load_pipeline("models:/lafma@candidate", root=str(root), device="cpu")
+
+
+def test_the_served_model_refuses_a_request_over_its_limits_before_any_work(registered):
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.core.limits import MAX_REQUEST_ROWS
+
+    root, _, uri = registered
+    tracking.configure(str(root))
+    model = mlflow.pyfunc.load_model(uri)  # what `mlflow models serve` runs
+    for request, match in [(pd.DataFrame({"caption": ["a bell"], "steps": [100_000]}), "steps"),
+                           (pd.DataFrame({"caption": ["a bell"] * (MAX_REQUEST_ROWS + 1)}), "rows")]:
+        with pytest.raises(MlflowException, match=match) as err:
+            model.predict(request)
+        assert err.value.get_http_status_code() == 400
+    out = model.predict(pd.DataFrame({"caption": ["a bell"], "seed": [1], "steps": [2]}))
+    assert len(out) == 1 and len(out["audio"][0]) > 0
