@@ -190,11 +190,25 @@ def test_a_bundled_text_encoder_loads_strictly_or_not_at_all(tmp_path):
     good = load_file(file)
     dropped = "encoder.block.0.layer.0.SelfAttention.k.weight"
     save_file({k: v for k, v in good.items() if k != dropped}, file, metadata={"format": "pt"})
+    with pytest.raises(BundleError, match="text_encoder/model.safetensors has SHA-256"):
+        load_bundle(str(bundle))  # changed after the bundle was written
+    # A bundle written from an encoder directory that was already incomplete: its hashes match.
+    rehash(bundle)
     with pytest.raises(BundleError, match=f"{dropped} \\(missing from the files\\)"):
         load_bundle(str(bundle))
     save_file({**good, "encoder.extra.weight": torch.zeros(3)}, file, metadata={"format": "pt"})
+    rehash(bundle)
     with pytest.raises(BundleError, match="encoder.extra.weight \\(not in the model\\)"):
         load_bundle(str(bundle))
+
+
+def rehash(bundle) -> None:
+    """Record the bundle's files as they are now, as write_bundle would have."""
+    from lafma.bundle import MANIFEST, file_hashes
+
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"] = file_hashes(str(bundle))
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
 
 
 # --- (c) guidance and solvers at the pipeline level --------------------------------------------
