@@ -70,7 +70,15 @@ class LafmaModel(mlflow.pyfunc.PythonModel):
         from pipelines.core.limits import check_request
 
         check_request(model_input)  # rows, steps, duration: a 400 before any work
-        return generate_frame(self.pipe, pd.DataFrame(model_input))
+        try:
+            return generate_frame(self.pipe, pd.DataFrame(model_input))
+        except ValueError as e:  # rows batch generation would reject (no caption, an unknown solver, ...)
+            # An MlflowException keeps its message in the server's answer (400); any other
+            # exception becomes a generic "unexpected error" there.
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
 
 
 def generate_frame(pipe, frame: pd.DataFrame, batch_size: int = PREDICT_BATCH) -> pd.DataFrame:
