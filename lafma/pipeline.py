@@ -10,13 +10,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lafma.config import MAX_DURATION_SECONDS
+from lafma.config import MAX_DURATION_SECONDS, MelConfig
 from lafma.flow import ClassifierFreeGuidance, Solution, solve
 
 
 def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tensor, context_mask: Tensor, *,
                    guidance: float, null_condition: tuple[Tensor, Tensor] | None = None, solver: str = "euler",
-                   steps: int = 10, rtol: float = 1e-4, atol: float = 1e-4, grid: str = "uniform") -> Solution:
+                   steps: int = 10, rtol: float = 1e-4, atol: float = 1e-4, grid: str = "uniform", t0: float = 0.0,
+                   project: Callable[[Tensor, float], Tensor] | None = None) -> Solution:
     """Noise → latent: integrate dx/dt = u(x, t, c) from t = 0 (noise) to t = 1 (data), guided.
 
     What inference and the LFM job's training-time samples share, so that a sample logged
@@ -30,7 +31,8 @@ def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tens
             evaluation per call instead of two).
         null_condition: the empty caption's (embedding (1, L0, D), mask (1, L0)), or one per
             item (B, L0, D), (B, L0); needed unless ``guidance`` is 1.
-        solver, steps, rtol, atol, grid: see :func:`lafma.flow.solve`.
+        solver, steps, rtol, atol, grid, project: see :func:`lafma.flow.solve`.
+        t0: where ``noise`` lies on the path (0: pure noise; more: audio-to-audio).
 
     Returns:
         The :class:`~lafma.flow.Solution`: ``x`` (B, C, T', F') scaled latents and ``nfe``.
@@ -40,8 +42,8 @@ def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tens
             raise ValueError(f"guidance {guidance} needs the empty caption's embedding (null_condition)")
         null_context, null_mask = (t.to(noise.device) for t in null_condition)
         velocity = ClassifierFreeGuidance(velocity, guidance, null_context, null_mask)
-    return solve(velocity, noise, method=solver, steps=steps, rtol=rtol, atol=atol, grid=grid, context=context,
-                 context_mask=context_mask)
+    return solve(velocity, noise, method=solver, steps=steps, rtol=rtol, atol=atol, grid=grid, t0=t0,
+                 project=project, context=context, context_mask=context_mask)
 
 
 @dataclass
@@ -85,6 +87,8 @@ class LafmaPipeline(nn.Module):
         peak_normalize, peak: scale each clip so that its peak is ``peak``.
         grid, null_caption: the solver's time grid and the unconditional input
             (``lafma.config.SamplerConfig``; "released" reproduces the released sampler).
+        mel, sigma_min: the mel config the VAE was trained on and the flow path's
+            ``sigma_min``; needed only to start from audio (:meth:`generate`'s ``audio``).
     """
 
     def __init__(self, *, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, vocoder: nn.Module,
@@ -92,7 +96,7 @@ class LafmaPipeline(nn.Module):
                  scale_factor: float = 1.0, unet_downsample: int = 8, solver: str = "euler", steps: int = 10,
                  guidance: float = 3.0, duration: float = 10.24, peak_normalize: bool = True,
                  rtol: float = 1e-4, atol: float = 1e-4, peak: float = 0.95, grid: str = "uniform",
-                 null_caption: str = "masked"):
+                 null_caption: str = "masked", mel: MelConfig | None = None, sigma_min: float = 0.0):
         super().__init__()
         self.text_encoder, self.unet, self.vae, self.vocoder = text_encoder, unet, vae, vocoder
         self.sample_rate, self.hop_length, self.n_mels = sample_rate, hop_length, n_mels
@@ -101,6 +105,9 @@ class LafmaPipeline(nn.Module):
         self.defaults = dict(solver=solver, steps=steps, guidance=guidance, duration=duration)
         self.peak_normalize, self.rtol, self.atol = peak_normalize, rtol, atol
         self.peak, self.grid, self.null_caption = peak, grid, null_caption
+        # For audio in (audio-to-audio, inpainting): the mel front end the VAE was trained on, and
+        # the flow path's sigma_min. A config, not a submodule: the pipeline's state stays its models'.
+        self.mel_config, self.sigma_min = mel, sigma_min
 
     @property
     def device(self) -> torch.device:
@@ -146,16 +153,51 @@ class LafmaPipeline(nn.Module):
             emb[i, :n], null_mask[i, :n] = by_length[n][0][0].to(mask.device), True
         return emb, null_mask
 
+    def encode_audio(self, audio: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        """Waveforms (B, N) at :attr:`sample_rate` → their scaled latents (B, *shape): the VAE
+        posterior's mean, times the scale factor, as training saw them. Audio is cut or
+        zero-padded to the latent grid's length first."""
+        from lafma.audio import MelSpectrogram
+
+        if self.mel_config is None:
+            raise ValueError("this pipeline has no mel config: it cannot start from audio")
+        samples = shape[1] * self.vae_downsample * self.hop_length
+        audio = audio.float().cpu()[:, :samples]
+        audio = torch.nn.functional.pad(audio, (0, samples - audio.shape[-1]))
+        mel = MelSpectrogram.from_config(self.mel_config)(audio)  # (B, n_mels, T' · r)
+        return self.vae.encode(mel.to(self.device)).mean * self.scale_factor
+
+    def on_path(self, noise: Tensor, data: Tensor, t: float) -> Tensor:
+        """The flow path's point at time ``t`` between ``noise`` (t = 0) and ``data`` (t = 1)."""
+        return (1.0 - (1.0 - self.sigma_min) * t) * noise + t * data
+
+    def latent_frames(self, start: float, end: float, frames: int) -> slice:
+        """The latent frames a time range (seconds) touches: every frame overlapping it."""
+        seconds = self.vae_downsample * self.hop_length / self.sample_rate  # per latent frame
+        first, last = math.floor(start / seconds), math.ceil(end / seconds)
+        return slice(max(0, min(first, frames)), max(0, min(last, frames)))
+
     @torch.no_grad()
     def generate(self, captions: Sequence[str], *, seeds: Sequence[int] | None = None, steps: int | None = None,
-                 guidance: float | None = None, solver: str | None = None,
-                 duration: float | None = None) -> Generation:
-        """Generate one clip per caption.
+                 guidance: float | None = None, solver: str | None = None, duration: float | None = None,
+                 audio: Tensor | None = None, strength: float = 1.0,
+                 regenerate: tuple[float, float] | None = None) -> Generation:
+        """Generate one clip per caption; from noise, or starting from audio.
 
         Args:
             captions: B strings ("" is the unconditional input).
             seeds: one per caption; random (and returned) when omitted.
             steps, guidance, solver, duration: override the pipeline's defaults.
+            audio: (N,) or (B, N) waveforms at :attr:`sample_rate` to start from; ``duration``
+                defaults to its length. Shorter than ``duration``, it is padded with silence
+                (continuation: regenerate what lies past its end).
+            strength: audio-to-audio (SDEdit): the ODE starts at t = 1 − ``strength`` from the
+                input's latent mixed with the seed's noise on the flow path, and takes
+                round(``steps`` · ``strength``) steps. 1 is plain generation with the same seed;
+                0 returns the input's VAE round trip.
+            regenerate: inpainting: ``(start, end)`` seconds to generate; every other latent
+                frame is put back on its path from the input after every step, so it ends as the
+                input's latent. Fixed-step solvers only.
 
         Returns:
             :class:`Generation` with (B, round(duration · sample_rate)) audio.
@@ -166,6 +208,17 @@ class LafmaPipeline(nn.Module):
         seeds = [secrets.randbelow(2**31) for _ in captions] if seeds is None else [int(s) for s in seeds]
         if len(seeds) != len(captions):
             raise ValueError(f"{len(seeds)} seeds for {len(captions)} captions")
+        if audio is None and (regenerate is not None or strength != 1.0):
+            raise ValueError("strength and regenerate start from audio: give audio")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if audio is not None:
+            audio = audio.reshape(1, -1) if audio.dim() == 1 else audio
+            if audio.shape[0] not in (1, len(captions)):
+                raise ValueError(f"{audio.shape[0]} input clips for {len(captions)} captions")
+            audio = audio.expand(len(captions), -1)
+            if duration is None:
+                duration = audio.shape[-1] / self.sample_rate
         steps = steps or self.defaults["steps"]
         guidance = self.defaults["guidance"] if guidance is None else guidance
         solver = solver or self.defaults["solver"]
@@ -176,10 +229,33 @@ class LafmaPipeline(nn.Module):
         context, mask = self.text_encoder(captions)
         context, mask = context.to(self.device), mask.to(self.device)
         null = self.null_condition(mask) if guidance != 1.0 else None
-        x0 = self.noise(seeds, self.latent_shape(duration))  # (B, C, T', F')
-        sol = sample_latents(self.unet, x0, context, mask, guidance=guidance, null_condition=null, solver=solver,
-                             steps=steps, rtol=self.rtol, atol=self.atol,
-                             grid=self.grid if solver == "euler" else "uniform")
+        shape = self.latent_shape(duration)
+        x0 = self.noise(seeds, shape)  # (B, C, T', F')
+        t0, project, grid = 0.0, None, self.grid if solver == "euler" else "uniform"
+        if audio is not None:
+            given = self.encode_audio(audio, shape)
+            if regenerate is not None:
+                start, end = regenerate
+                if not 0 <= start < end:
+                    raise ValueError(f"regenerate needs 0 <= start < end seconds, got {start}:{end}")
+                known = torch.ones(shape[1], dtype=torch.bool, device=x0.device)
+                known[self.latent_frames(start, end, shape[1])] = False
+                known = known.view(1, 1, -1, 1)
+
+                def project(x: Tensor, t: float) -> Tensor:
+                    return torch.where(known, self.on_path(x0, given, t), x)
+            if strength < 1.0:
+                t0, grid = 1.0 - strength, "uniform"
+                steps = round(steps * strength)
+            x_start = self.on_path(x0, given, t0)
+        else:
+            x_start = x0
+        if steps == 0:  # strength 0: the input's latent as it is
+            sol = Solution(self.on_path(x0, given, 1.0), 0, 0)
+        else:
+            sol = sample_latents(self.unet, x_start, context, mask, guidance=guidance, null_condition=null,
+                                 solver=solver, steps=steps, rtol=self.rtol, atol=self.atol, grid=grid, t0=t0,
+                                 project=project)
         mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
         audio = self.vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from lafma import cli as lafma_cli
+from lafma.config import MAX_DURATION_SECONDS
 from lafma.flow.solvers import METHODS
 
 DEFAULT_MODEL = "models:/lafma@champion"
@@ -38,9 +39,29 @@ def _generate(args: argparse.Namespace) -> int:
     except Exception as e:  # unknown alias, missing store, mismatched bundle: say which, no traceback
         print(f"lafma generate: cannot load {args.model} (store: {args.root}): {e}", file=sys.stderr)
         return 1
+    extra = {}
+    if args.audio is not None:
+        from lafma.audio import AudioError
+        from lafma.audio.io import load_audio
+
+        try:
+            extra["audio"] = load_audio(args.audio, pipe.sample_rate, max_seconds=MAX_DURATION_SECONDS)
+        except (AudioError, OSError) as e:
+            print(f"lafma generate: cannot read {args.audio}: {e}", file=sys.stderr)
+            return 2
+        extra["strength"] = args.strength
+        if args.regenerate is not None:
+            extra["regenerate"] = args.regenerate
+    elif args.regenerate is not None or args.strength != 1.0:
+        print("lafma generate: --regenerate and --strength need --audio", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    gen = pipe.generate([args.caption], seeds=None if args.seed is None else [args.seed], steps=args.steps,
-                        guidance=args.guidance, solver=args.solver, duration=args.duration)
+    try:
+        gen = pipe.generate([args.caption], seeds=None if args.seed is None else [args.seed], steps=args.steps,
+                            guidance=args.guidance, solver=args.solver, duration=args.duration, **extra)
+    except ValueError as e:  # a region outside the clip, a strength out of range, dopri5 with a region
+        print(f"lafma generate: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     write_audio(out, gen.audio[0], gen.sample_rate)
@@ -64,7 +85,25 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--solver", default=None, choices=METHODS)
     g.add_argument("--duration", type=float, default=None, help="seconds (default: the model's)")
     g.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
+    g.add_argument("--audio", default=None, help="start from this clip (any rate or channels; the duration "
+                                                 "defaults to its length): with --strength or --regenerate")
+    g.add_argument("--strength", type=float, default=1.0,
+                   help="audio-to-audio: how much of the path to regenerate, 0 (the clip's round trip) to 1 "
+                        "(plain generation with the same seed; default)")
+    g.add_argument("--regenerate", type=_time_range, default=None, metavar="START:END",
+                   help="inpainting: the seconds to generate, the rest kept from --audio; past the clip's end "
+                        "with a longer --duration, continuation")
     g.set_defaults(func=_generate)
+
+
+def _time_range(text: str) -> tuple[float, float]:
+    start, sep, end = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return float(start), float(end)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, e.g. 1.0:2.5; got {text!r}") from None
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -116,7 +116,8 @@ def _dopri5(f: _Counted, x: Tensor, t0: float, t1: float, h: float, rtol: float,
 @torch.no_grad()
 def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler", steps: int = 10,
           t0: float = 0.0, t1: float = 1.0, rtol: float = 1e-4, atol: float = 1e-4,
-          max_steps: int = 10_000, grid: str = "uniform", **cond: Tensor) -> Solution:
+          max_steps: int = 10_000, grid: str = "uniform", project: Callable[[Tensor, float], Tensor] | None = None,
+          **cond: Tensor) -> Solution:
     """Integrate dx/dt = velocity(x, t, **cond) from ``t0`` to ``t1``.
 
     Args:
@@ -127,6 +128,9 @@ def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler",
         rtol, atol, max_steps: adaptive-solver controls. The error norm is taken over the
             whole batch, so with ``dopri5`` the step sizes (not the seeds) depend on the batch.
         grid: ``uniform``, or ``released`` (Euler only: see :data:`GRIDS`).
+        project: ``project(x, t)`` after every step, with the time the step reached: what
+            inpainting uses to put the known part of the state back on its path. Fixed-step
+            methods only.
         **cond: passed to every velocity call.
 
     Returns:
@@ -135,6 +139,9 @@ def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler",
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     f = _Counted(velocity, cond)
+    if method == "dopri5" and project is not None:
+        raise ValueError("dopri5 chooses its own steps: regenerating part of a clip needs a fixed-step solver "
+                         f"({', '.join(m for m in METHODS if m != 'dopri5')})")
     if method == "dopri5":
         x, n = _dopri5(f, x0, t0, t1, (t1 - t0) / steps, rtol, atol, max_steps)
         return Solution(x, f.nfe, n)
@@ -152,4 +159,6 @@ def solve(velocity: Callable[..., Tensor], x0: Tensor, *, method: str = "euler",
         if grid == "released":
             t = t0 + RELEASED_T_EPS + i / steps * (t1 - t0 - RELEASED_T_EPS)
         x = _rk_step(f, x, t, h, a, b, c)
+        if project is not None:
+            x = project(x, t + h)
     return Solution(x, f.nfe, steps)
