@@ -477,18 +477,19 @@ def rollback(*, root: str, reason: str, by: str | None = None) -> str:
     return target
 
 
-def _bundle_artifact(uri: str, *, root: str) -> str:
+def _bundle_artifact(uri: str, *, root: str, tracking_uri: str | None = None) -> str:
     """Where the bundle lies inside the logged model ``uri`` (e.g. ``<uri>/artifacts/bundle``),
     read from its ``MLmodel`` file alone."""
     from mlflow.models import Model
 
-    tracking.configure(root)
+    tracking.configure(root, uri=tracking_uri)
     return f"{uri.rstrip('/')}/" + Model.load(uri).flavors["python_function"]["artifacts"]["bundle"]["path"]
 
 
-def download_bundle(uri: str, *, root: str, dst: str) -> str:
+def download_bundle(uri: str, *, root: str, dst: str, tracking_uri: str | None = None) -> str:
     """The bundle of the logged model ``uri`` (``models:/…``, ``runs:/…``) as a directory under ``dst``."""
-    return mlflow.artifacts.download_artifacts(artifact_uri=_bundle_artifact(uri, root=root), dst_path=dst)
+    return mlflow.artifacts.download_artifacts(artifact_uri=_bundle_artifact(uri, root=root, tracking_uri=tracking_uri),
+                                               dst_path=dst)
 
 
 def bundle_manifest(uri: str, *, root: str) -> dict:
@@ -508,7 +509,7 @@ def bundle_manifest(uri: str, *, root: str) -> dict:
 _VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
 
 
-def _check_registered_manifest(uri: str, bundle: str, *, root: str) -> None:
+def _check_registered_manifest(uri: str, bundle: str, *, root: str, tracking_uri: str | None = None) -> None:
     """Raise :class:`~lafma.bundle.BundleError` if ``bundle``, downloaded for the registry
     version ``uri`` names, has another manifest than the one registered (:data:`MANIFEST_TAG`).
     Versions registered before the tag was kept, and ``runs:/`` URIs, have only the manifest's
@@ -518,7 +519,7 @@ def _check_registered_manifest(uri: str, bundle: str, *, root: str) -> None:
     m = _VERSION_URI.match(uri)
     if m is None:
         return
-    client = mlflow.MlflowClient(tracking.tracking_uri(root))
+    client = mlflow.MlflowClient(tracking_uri or tracking.tracking_uri(root))
     mv = (client.get_model_version(m["name"], m["version"]) if m["version"]
           else client.get_model_version_by_alias(m["name"], m["alias"]))
     want = mv.tags.get(MANIFEST_TAG)
@@ -547,10 +548,10 @@ def load_pipeline(uri: str, *, root: str, device: str | None = None, tracking_ur
     if os.path.isdir(uri) or "://" in uri or uri.startswith("models:/"):
         tracking.configure(root, uri=tracking_uri)
         if os.path.isdir(uri):  # a downloaded pyfunc: its bundle is already here
-            return load_bundle(_bundle_artifact(uri, root=root), device=device)
+            return load_bundle(_bundle_artifact(uri, root=root, tracking_uri=tracking_uri), device=device)
         with tempfile.TemporaryDirectory(prefix="lafma-bundle-") as tmp:
-            bundle = download_bundle(uri, root=root, dst=tmp)
-            _check_registered_manifest(uri, bundle, root=root)
+            bundle = download_bundle(uri, root=root, dst=tmp, tracking_uri=tracking_uri)
+            _check_registered_manifest(uri, bundle, root=root, tracking_uri=tracking_uri)
             # Every weight is in memory once load_bundle returns; the copy can go.
             return load_bundle(bundle, device=device)
     raise FileNotFoundError(f"no model at {uri!r}: expected models:/..., runs:/... or a bundle directory")

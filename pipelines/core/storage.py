@@ -144,9 +144,15 @@ def _read_remote(uri: str, fs: fsspec.AbstractFileSystem, path: str, max_bytes: 
         info = fs.info(path, **limit())
         if info.get("type") != "file":
             raise InputRefused(uri, "not_a_file", f"a {info.get('type') or 'non-file'} entry")
-        if (size := info.get("size")) is not None and int(size) > max_bytes:
+        size = info.get("size")
+        if size is not None and int(size) > max_bytes:
             raise InputRefused(uri, "too_large", f"{_mb(int(size))} > {_mb(max_bytes)}")
-        data = fs.cat_file(path, start=0, end=max_bytes + 1, **limit())
+        if size is not None and int(size) == 0:
+            return b""  # a range request on an empty S3 object is refused (416), not answered empty
+        # The range ends at the size where it is known (a range past an object's end may be
+        # refused too), one byte past the cap otherwise.
+        end = max_bytes + 1 if size is None else min(int(size), max_bytes + 1)
+        data = fs.cat_file(path, start=0, end=end, **limit())
     except FSTimeoutError:
         raise InputRefused(uri, "timeout", f"not read within {timeout:g} s") from None
     if len(data) > max_bytes:

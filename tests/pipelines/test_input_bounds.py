@@ -211,6 +211,11 @@ def test_s3_objects_are_bounded_like_files(s3_endpoint):
     fs.pipe_file(f"{BUCKET}/bounds/folder.wav/inside.wav", b"i")
     base = f"s3://{BUCKET}/bounds"
     assert storage.read_bounded(f"{base}/small.wav", max_bytes=100) == b"s" * 10
+    # An empty object reads as empty (the audio stage's "empty" reject), not as unreadable: S3
+    # refuses a range request on it.
+    fs.pipe_file(f"{BUCKET}/bounds/empty.wav", b"")
+    assert storage.read_bounded(f"{base}/empty.wav", max_bytes=100) == b""
+    assert storage.read_bounded(f"{base}/small.wav", max_bytes=10) == b"s" * 10  # exactly the cap
     for name, reason in (("big.wav", "too_large"), ("folder.wav", "not_a_file")):
         with pytest.raises(storage.InputRefused) as e:
             storage.read_bounded(f"{base}/{name}", max_bytes=100)
