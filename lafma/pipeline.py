@@ -127,10 +127,13 @@ class LafmaPipeline(nn.Module):
 
     def vocode(self, mel: Tensor, seeds: Sequence[int]) -> Tensor:
         """mel (B, n_mels, T) → (B, T · hop). A stochastic vocoder (Griffin-Lim's random initial
-        phase) runs item by item with the RNG seeded from the item's seed, so its audio too
-        depends on nothing but the caption and the seed."""
+        phase) draws each item's randomness from the item's seed, so its audio too depends on
+        nothing but the caption and the seed: in one batch where the vocoder takes ``seeds``
+        (:class:`~lafma.vocoder.GriffinLimVocoder`), else item by item with the RNG seeded."""
         if not getattr(self.vocoder, "stochastic", False):
             return self.vocoder(mel)
+        if getattr(self.vocoder, "takes_seeds", False):
+            return self.vocoder(mel, seeds=seeds)
         devices = [mel.device] if mel.device.type == "cuda" else []
         out = []
         for m, seed in zip(mel, seeds):

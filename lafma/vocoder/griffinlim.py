@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -34,13 +36,23 @@ class GriffinLimVocoder(nn.Module):
             :class:`lafma.config.MelConfig`; must match the mels to invert.
         n_iter: Griffin-Lim iterations.
         inverse_iters: Multiplicative updates of the mel inversion.
+        momentum: of the phase updates ("fast Griffin-Lim", Perraudin et al. 2013; torchaudio's
+            default 0.99).
+
+    The iterations are torchaudio's ``griffinlim`` (same random start, same momentum update),
+    written out so that a batch can start each item from its own seeded phase
+    (``forward(mel, seeds=…)``): torchaudio's draws the whole batch's from the global RNG, so
+    reproducible per-item audio had to be vocoded one item at a time.
     """
 
     def __init__(self, *, sample_rate: int = 16000, n_fft: int = 1024, win_length: int = 1024,
                  hop_length: int = 160, n_mels: int = 64, f_min: float = 0.0,
-                 f_max: float = 8000.0, n_iter: int = 32, inverse_iters: int = 32):
+                 f_max: float = 8000.0, n_iter: int = 32, inverse_iters: int = 32, momentum: float = 0.99):
         super().__init__()
-        self.hop = hop_length
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.hop, self.n_fft, self.win_length = hop_length, n_fft, win_length
+        self.n_iter, self.momentum = n_iter, momentum
         # Griffin-Lim's centred STFT reflect-pads its signal by n_fft / 2, so it needs a
         # signal ((frames - 1) * hop samples) longer than that: shorter mels get silent frames.
         self.min_frames = n_fft // (2 * hop_length) + 2
@@ -52,17 +64,15 @@ class GriffinLimVocoder(nn.Module):
         )  # (F, n_mels)
         # Not persistent: the vocoder has no weights, so its state dict stays empty.
         self.register_buffer("fb", fb.T.contiguous(), persistent=False)  # (n_mels, F)
-        self.griffin_lim = torchaudio.transforms.GriffinLim(
-            n_fft=n_fft, n_iter=n_iter, win_length=win_length, hop_length=hop_length, power=1.0,
-        )
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
 
     @classmethod
-    def from_config(cls, mel_cfg: MelConfig, n_iter: int = 32,
-                    inverse_iters: int = 32) -> GriffinLimVocoder:
+    def from_config(cls, mel_cfg: MelConfig, n_iter: int = 32, inverse_iters: int = 32,
+                    momentum: float = 0.99) -> GriffinLimVocoder:
         return cls(sample_rate=mel_cfg.sample_rate, n_fft=mel_cfg.n_fft,
                    win_length=mel_cfg.win_length, hop_length=mel_cfg.hop_length,
                    n_mels=mel_cfg.n_mels, f_min=mel_cfg.f_min, f_max=mel_cfg.f_max,
-                   n_iter=n_iter, inverse_iters=inverse_iters)
+                   n_iter=n_iter, inverse_iters=inverse_iters, momentum=momentum)
 
     @torch.no_grad()
     def inverse_mel(self, mel_mag: Tensor) -> Tensor:
@@ -81,22 +91,56 @@ class GriffinLimVocoder(nn.Module):
     # Its output depends on the RNG (the initial phase): callers that promise reproducible
     # audio seed each item (see LafmaPipeline).
     stochastic = True
+    takes_seeds = True  # forward(mel, seeds=...): a batch with each item's phase from its own seed
+
+    def _stft(self, wav: Tensor) -> Tensor:
+        return torch.stft(wav, n_fft=self.n_fft, hop_length=self.hop, win_length=self.win_length, window=self.window,
+                          center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True)
+
+    def _istft(self, spec: Tensor, length: int) -> Tensor:
+        return torch.istft(spec, n_fft=self.n_fft, hop_length=self.hop, win_length=self.win_length,
+                           window=self.window, length=length)
+
+    def griffin_lim(self, spec: Tensor, angles: Tensor) -> Tensor:
+        """Phase recovery from ``angles`` (B, F, T) complex: (B, F, T) magnitude → (B, (T − 1) · hop)."""
+        length = (spec.shape[-1] - 1) * self.hop
+        beta = self.momentum / (1 + self.momentum)
+        previous = torch.zeros((), dtype=spec.dtype, device=spec.device)
+        for _ in range(self.n_iter):
+            rebuilt = self._stft(self._istft(spec * angles, length))  # (B, F, T)
+            angles = rebuilt - beta * previous if self.momentum else rebuilt
+            angles = angles / (angles.abs() + 1e-16)
+            previous = rebuilt
+        return self._istft(spec * angles, length)
+
+    def initial_phase(self, shape: tuple[int, ...], seeds: Sequence[int] | None, device: torch.device) -> Tensor:
+        """(B, F, T) complex starting phases: item i from ``Generator(seeds[i])``, or the whole
+        batch from the global RNG. Either way the draw torchaudio's ``griffinlim`` makes."""
+        if seeds is None:
+            return torch.rand(shape, dtype=torch.complex64).to(device)
+        if len(seeds) != shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for {shape[0]} mels")
+        return torch.stack([torch.rand(shape[1:], dtype=torch.complex64, generator=torch.Generator().manual_seed(int(s)))
+                            for s in seeds]).to(device)
 
     @torch.no_grad()
-    def forward(self, mel: Tensor) -> Tensor:
+    def forward(self, mel: Tensor, seeds: Sequence[int] | None = None) -> Tensor:
         """Vocode.
 
         Args:
             mel: (B, n_mels, T) log-mel.
+            seeds: one per item: item i's initial phase is drawn from ``Generator(seeds[i])``,
+                so its audio depends on its mel and seed alone, whatever else is in the batch
+                (and equals that item vocoded alone after ``torch.manual_seed(seeds[i])``).
+                None: the whole batch's phases come from the global RNG.
 
         Returns:
-            (B, T * hop) waveform. Griffin-Lim's random initial phase draws from the global
-            RNG: seed it for reproducible output.
+            (B, T * hop) waveform.
         """
         n_out = mel.shape[-1] * self.hop
         spec = self.inverse_mel(torch.exp(mel.float()))  # (B, F, T) magnitude
         spec = F.pad(spec, (0, max(0, self.min_frames - spec.shape[-1])))  # (B, F, T' >= T)
-        wav = self.griffin_lim(spec)  # (B, (T' - 1) * hop)
+        wav = self.griffin_lim(spec, self.initial_phase(tuple(spec.shape), seeds, spec.device))  # (B, (T' - 1) * hop)
         # GriffinLim's STFT is centred, so its frame k sits on output sample k * hop, while
         # MelSpectrogram's frame k sits on input sample k * hop + hop / 2: delay by half a
         # hop, then pad or crop to exactly T * hop.

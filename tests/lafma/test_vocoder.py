@@ -117,6 +117,23 @@ def test_griffin_lim_reconstructs_a_tone():
     assert abs(peak_hz - 440) < 25
 
 
+def test_griffin_lim_seeds_each_item_in_a_batch():
+    """A batch vocoded with seeds equals each item vocoded alone with its seed, and each seed
+    gives the torchaudio draw the global RNG would after ``torch.manual_seed(seed)``; without
+    seeds the global RNG decides."""
+    vocoder = GriffinLimVocoder.from_config(MelConfig(), n_iter=4)
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(3, 64, 20, generator=g) - 6
+    batch = vocoder(mel, seeds=[5, 6, 7])
+    for i, seed in enumerate([5, 6, 7]):
+        torch.testing.assert_close(vocoder(mel[i : i + 1], seeds=[seed])[0], batch[i], rtol=0, atol=0)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(vocoder(mel[i : i + 1])[0], batch[i], rtol=0, atol=0)
+    assert (vocoder(mel, seeds=[5, 6, 8])[2] - batch[2]).abs().max() > 1e-4  # another seed, another phase
+    with pytest.raises(ValueError, match="2 seeds for 3 mels"):
+        vocoder(mel, seeds=[1, 2])
+
+
 @pytest.mark.slow
 def test_generator_overfits_one_clip_on_mel_l1():
     torch.manual_seed(0)
