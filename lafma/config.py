@@ -230,6 +230,8 @@ class UNetConfig:
     dropout: float = 0.0
     # The released LAFMA code adds a second transformer at every attention site.
     extra_attention: bool = False
+    # The caption's mean token embedding added to the time embedding (lafma.unet.UNet).
+    pooled_context: bool = False
 
     def validate(self, prefix: str = "unet") -> None:
         require(self.model_channels > 0 and self.model_channels % 32 == 0, f"{prefix}.model_channels",

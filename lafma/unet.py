@@ -37,6 +37,14 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-5)
 
 
+def pooled(context: Tensor, mask: Tensor | None) -> Tensor:
+    """The mean of each caption's real token embeddings: (B, L, D), (B, L) → (B, D)."""
+    if mask is None:
+        return context.mean(1)
+    m = mask.to(context.dtype)[..., None]  # (B, L, 1)
+    return (context * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
 class ResBlock(nn.Module):
     """Conv res block conditioned on the time embedding (scale-shift or additive)."""
 
@@ -193,19 +201,29 @@ class UNet(nn.Module):
         extra_attention: a second spatial transformer at every attention site (released LAFMA code).
         time_scale: t ∈ [0, 1] is multiplied by this before the sinusoidal embedding (999 in
             the released code, which reuses a DDPM embedding tuned to integer steps).
+        pooled_context: also condition every res block on the caption as a whole: the mean of
+            its real token embeddings, projected and added to the time embedding (AudioLDM
+            conditions on a pooled CLAP embedding this way, Stable Audio has the same global
+            condition beside cross-attention). Cross-attention alone has to find the caption's
+            gist through a few attention layers; a small model trained briefly learns what a
+            sound is (kind, register, pace) much faster from the pooled vector, which reaches
+            every block. Off in the paper's UNet (the released weights have no such layer).
     """
 
     def __init__(self, *, in_channels: int = 8, out_channels: int = 8, model_channels: int = 128,
                  channel_mult: tuple[int, ...] = (1, 2, 3, 5), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (8, 4, 2), num_head_channels: int = 32,
                  num_heads: int = 0, transformer_depth: int = 1, context_dim: int = 1024,
-                 use_scale_shift_norm: bool = False, dropout: float = 0.0, extra_attention: bool = False, time_scale: float = 999.0):
+                 use_scale_shift_norm: bool = False, dropout: float = 0.0, extra_attention: bool = False, time_scale: float = 999.0,
+                 pooled_context: bool = False):
         super().__init__()
         self.model_channels = model_channels
         self.time_scale = time_scale
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if pooled_context:
+            self.context_embed = nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, emb_dim, cout, dropout, use_scale_shift_norm)
@@ -252,7 +270,7 @@ class UNet(nn.Module):
                    num_heads=cfg.num_heads,
                    transformer_depth=cfg.transformer_depth, context_dim=cfg.context_dim or context_dim,
                    use_scale_shift_norm=cfg.use_scale_shift_norm, dropout=cfg.dropout,
-                   extra_attention=cfg.extra_attention, time_scale=time_scale)
+                   extra_attention=cfg.extra_attention, time_scale=time_scale, pooled_context=cfg.pooled_context)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
         """Velocity at (x, t) given the caption.
@@ -269,6 +287,8 @@ class UNet(nn.Module):
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
             raise ValueError(f"latent {tuple(x.shape[-2:])} is not divisible by {self.downsample_factor}")
         emb = self.time_embed(timestep_embedding(t * self.time_scale, self.model_channels).to(x.dtype))
+        if hasattr(self, "context_embed"):
+            emb = emb + self.context_embed(pooled(context, context_mask).to(emb.dtype))
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context, context_mask)

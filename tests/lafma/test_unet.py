@@ -58,6 +58,28 @@ def test_masked_text_tokens_do_not_change_the_output():
         assert (unet(x, t, padded, torch.ones(1, 8, dtype=torch.bool)) - ref).abs().max() > 1e-3
 
 
+def test_pooled_context_reaches_every_block_without_cross_attention():
+    """With ``pooled_context`` the caption conditions the res blocks through the time embedding:
+    with every cross-attention silenced the output still depends on the caption (and not on
+    masked padding); without it, silenced cross-attention leaves the caption no way in."""
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(1, 8, 8, 8, generator=g), torch.rand(1, generator=g)
+    ctx, other = torch.randn(1, 3, 12, generator=g), torch.randn(1, 3, 12, generator=g)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    padded = torch.cat([ctx, 100 * torch.randn(1, 4, 12, generator=g)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 4, dtype=torch.bool)], dim=1)
+    for pooled, depends in ((True, True), (False, False)):
+        unet = randomise(tiny_unet(pooled_context=pooled)).eval()
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if ".attn2.to_out" in name:  # no cross-attention output at all
+                    p.zero_()
+            ref = unet(x, t, ctx, mask)
+            assert ((unet(x, t, other, mask) - ref).abs().max() > 1e-3) == depends
+            torch.testing.assert_close(unet(x, t, padded, padded_mask), ref, atol=1e-5, rtol=1e-5)
+    assert not any("context_embed" in k for k in tiny_unet().state_dict())  # the paper's layout is unchanged
+
+
 def test_time_scale_is_applied():
     unet = randomise(tiny_unet(time_scale=999.0)).eval()
     unscaled = randomise(tiny_unet(time_scale=1.0)).eval()
