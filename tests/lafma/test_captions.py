@@ -108,3 +108,57 @@ def test_safe_names_stay_in_their_directory(tmp_path, rid):
 def test_ids_that_clean_to_the_same_text_get_different_files():
     assert len({safe_name("../x"), safe_name("x"), safe_name("./x"), safe_name("..x")}) == 4
     assert safe_name("plain-id_1.0") == "plain-id_1.0"  # clean ids keep their name
+
+
+def test_rows_from_a_clip_are_checked_before_any_audio_is_read():
+    clip = {"audio": "in.wav"}
+    rows, rejects = plan([
+        {"id": "inpaint", "caption": "a bell", **clip, "start": 0.5, "end": 1.0},
+        {"id": "continue", "caption": "a bell", **clip, "start": 2.0, "end": 4.0, "duration": 4.0},
+        {"id": "a2a", "caption": "a bell", **clip, "strength": 0.4},
+        {"id": "plain", "caption": "a bell", "audio": float("nan"), "start": None, "strength": float("nan")},
+        {"id": "no_clip", "caption": "a bell", "start": 0.5, "end": 1.0},
+        {"id": "no_clip_a2a", "caption": "a bell", "strength": 0.5},
+        {"id": "unused", "caption": "a bell", **clip},
+        {"id": "half", "caption": "a bell", **clip, "start": 0.5},
+        {"id": "backwards", "caption": "a bell", **clip, "start": 1.0, "end": 0.5},
+        {"id": "negative", "caption": "a bell", **clip, "start": -1.0, "end": 0.5},
+        {"id": "past_end", "caption": "a bell", **clip, "start": 3.0, "end": 4.0, "duration": 2.0},
+        {"id": "dopri", "caption": "a bell", **clip, "start": 0.5, "end": 1.0, "solver": "dopri5"},
+        {"id": "both", "caption": "a bell", **clip, "start": 0.5, "end": 1.0, "strength": 0.5},
+        {"id": "strong", "caption": "a bell", **clip, "strength": 1.5},
+        {"id": "not_a_path", "caption": "a bell", "audio": 3, "strength": 0.5},
+        {"id": "word", "caption": "a bell", **clip, "start": "soon", "end": 1.0},
+        {"id": "many", "caption": "a bell", "candidates": 17},
+        {"id": "none", "caption": "a bell", "candidates": 0},
+    ])
+    got = {r.id: r for r in rows}
+    assert sorted(got) == ["a2a", "continue", "inpaint", "plain"]
+    # A row from a clip lasts as long as the clip unless it says otherwise: known once it is read.
+    assert got["inpaint"].duration is None and got["inpaint"].region == (0.5, 1.0)
+    assert got["continue"].duration == 4.0 and got["a2a"].strength == 0.4 and got["a2a"].region is None
+    assert got["plain"].audio is None and got["plain"].duration == DEFAULTS["duration"]
+    assert {r["id"]: r["reason"] for r in rejects} == {
+        "no_clip": "no_audio", "no_clip_a2a": "no_audio", "unused": "audio_unused", "half": "bad_region",
+        "backwards": "bad_region", "negative": "bad_region", "past_end": "bad_region", "dopri": "bad_region",
+        "both": "bad_region", "strong": "bad_strength", "not_a_path": "bad_audio", "word": "bad_setting",
+        "many": "bad_candidates", "none": "bad_candidates"}
+    assert "fixed-step" in next(r["detail"] for r in rejects if r["id"] == "dopri")
+
+
+def test_a_row_without_the_optional_fields_is_the_row_older_jobs_planned():
+    from lafma.data.captions import GenerationRow
+
+    rows, _ = plan([{"id": "old", "caption": "a bell", "seed": 3},
+                    {"id": "new", "caption": "a bell", "seed": 3, "audio": "in.wav", "strength": 0.5, "candidates": 4}])
+    old, new = rows
+    assert old.to_dict() == {"id": "old", "name": "old", "caption": "a bell", "seed": 3, "steps": 10, "guidance": 3.0,
+                             "solver": "euler", "duration": 2.56}
+    assert new.to_dict()["candidates"] == 4 and new.extras() == {"audio": "in.wav", "strength": 0.5, "candidates": 4}
+    # Read back from a table whose other rows set more fields (their cells null here).
+    padded = {**old.to_dict(), "audio": None, "start": None, "end": None, "strength": None, "candidates": None}
+    assert GenerationRow.from_dict(padded) == old and GenerationRow.from_dict(new.to_dict()) == new
+    # Plain rows still batch as they did: by steps, guidance, solver, duration; clips apart from them
+    # (a duration still to be read from the clip sorts first).
+    cut = batches(rows + [GenerationRow("x", "x", "c", 1, 4, 3.0, "euler", 2.56)], 8)
+    assert [[r.id for r in part] for part in cut] == [["x"], ["new"], ["old"]]
