@@ -1,5 +1,6 @@
 """Evaluation metrics: Fréchet distance, KL, inception score, text–audio scores, attribute accuracy,
-and the recipe that computes all of them for the ``evaluate`` stage (:mod:`lafma.metrics.evaluation`).
+text–audio scorers and best-of-N generation by them (:mod:`lafma.metrics.scoring`), and the
+recipe that computes all of them for the ``evaluate`` stage (:mod:`lafma.metrics.evaluation`).
 
 Pure torch + numpy. Embedders (aisfx offline; PANNs Cnn14, VGGish and LAION-CLAP from local
 reference checkpoints) live in :mod:`lafma.metrics.embedders`.
@@ -18,6 +19,14 @@ from lafma.metrics.frechet import (
     frechet_distance,
     frechet_distance_from_embeddings,
 )
+from lafma.metrics.scoring import (
+    ClapScorer,
+    Pick,
+    ProjectionScorer,
+    TextAudioScorer,
+    best_of_n,
+    candidate_seeds,
+)
 from lafma.metrics.text_audio import (
     TextAudioProjection,
     clap_score,
@@ -30,11 +39,17 @@ __all__ = [
     "AttributeClassifiers",
     "AudioEmbedder",
     "CheckpointFormatError",
+    "ClapScorer",
     "Embedded",
+    "Pick",
+    "ProjectionScorer",
     "Scores",
     "TextAudioProjection",
+    "TextAudioScorer",
     "attribute_accuracy",
+    "best_of_n",
     "build_embedder",
+    "candidate_seeds",
     "clap_score",
     "embedding_stats",
     "fit_attribute_classifiers",

@@ -31,7 +31,7 @@ import torch
 from lafma.metrics.attributes import Labels, attribute_accuracy, fit_attribute_classifiers
 from lafma.metrics.classifier_metrics import inception_score, kl_divergence
 from lafma.metrics.frechet import frechet_distance_from_embeddings
-from lafma.metrics.text_audio import fit_text_audio_projection
+from lafma.metrics.text_audio import TextAudioProjection, fit_text_audio_projection
 
 # audioldm_eval's inception score splits its set in 10; a small held-out set gets fewer, with
 # at least two clips in each.
@@ -62,11 +62,15 @@ class Scores:
         text_audio_per_clip: (N,) the text-audio score of each generated clip.
         halves: the row indices of the two halves ``eval/fd_half`` (generated rows of the
             first against real rows of the second) and ``ref/real_vs_real/fd`` compare.
+        projection: the fitted text-audio projection that scored ``eval/text_audio``: with
+            the embedder and the text encoder, the scorer best-of-N generation ranks by
+            (:class:`lafma.metrics.scoring.ProjectionScorer`).
     """
 
     metrics: dict[str, float]
     text_audio_per_clip: np.ndarray
     halves: tuple[np.ndarray, np.ndarray]
+    projection: TextAudioProjection | None = None
 
 
 def halves(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,4 +132,4 @@ def score_generations(real: Embedded, generated: Embedded, *, train: np.ndarray,
         for name, v in on_gen.items():
             attrs |= {f"attr/{name}/accuracy": v["accuracy"], f"attr/{name}/chance": v["chance"],
                       f"attr/{name}/real_accuracy": on_real[name]["accuracy"]}
-    return Scores(metrics | refs | attrs, per_clip, (a, b))
+    return Scores(metrics | refs | attrs, per_clip, (a, b), proj)
