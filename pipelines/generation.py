@@ -7,8 +7,11 @@ Layout of ``out``::
     wavs/<name>.wav                 one per good row (``name``: a sanitised, unique file stem)
     parts/shard-00000.parquet       the manifest rows of one shard, written after its wavs
     rejects/plan.parquet            rows refused before generation, with the reason
+    rejects/shard-00000.parquet     rows of a shard refused when their input clip was read
     manifest.parquet, manifest.csv  every generated row: id, caption, seed, steps, guidance,
-                                    solver, nfe, duration, path, seconds, model_version
+                                    solver, nfe, duration, path, seconds, model_version; and
+                                    for rows that use them audio, audio_sha256, start, end,
+                                    strength, and best-of-N's candidates, kept, score
     _SUCCESS.json                   totals, throughput, real-time factor, the resolved model
 
 Rows are cut into deterministic shards; a shard's manifest part is written after its wavs,
@@ -26,21 +29,36 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
 from lafma.config import ConfigError
-from lafma.data.captions import GenerationRow, batches, plan_generation, read_caption_records
+from lafma.data.captions import (
+    MAX_CANDIDATES,
+    GenerationRow,
+    batches,
+    plan_generation,
+    read_caption_records,
+)
+from lafma.data.manifest import resolve, scheme_refusal
 from pipelines.core import storage, tracking
+from pipelines.core.limits import BATCH_CLIP
 from pipelines.core.stage import pending_shards, rejects_table, run_shards
 
 # One row per generated clip: manifest.parquet / manifest.csv (not the data manifest of ingest).
+# ``seed`` is the kept clip's: plain generation with it makes that clip. The columns after
+# ``model_version`` are null for rows that do not use them: ``audio`` (the input clip's URI),
+# ``audio_sha256`` (of its bytes), ``start``, ``end``, ``strength``; ``candidates`` (JSON: every
+# candidate's seed and score, in seed order), ``kept`` (the kept one's index in it) and ``score``
+# (its score) for rows generated best-of-N or scored.
 GENERATION_SCHEMA = pa.schema([
     ("id", pa.string()), ("caption", pa.string()), ("seed", pa.int64()), ("steps", pa.int32()),
     ("guidance", pa.float64()), ("solver", pa.string()), ("nfe", pa.int32()), ("duration", pa.float64()),
     ("path", pa.string()), ("seconds", pa.float64()), ("model_version", pa.string()),
+    ("audio", pa.string()), ("audio_sha256", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+    ("strength", pa.float64()), ("candidates", pa.string()), ("kept", pa.int32()), ("score", pa.float64()),
 ])
 PLAN, PLAN_FORMAT = "plan.json", 1
 
@@ -57,6 +75,10 @@ class GenerationSettings:
     actors: int = 1
     actor_cpus: float = 1.0
     actor_gpus: float = 0.0
+    # Best-of-N: candidates per row without a ``candidates`` column; the scorer folder that
+    # ranks them (None: the one the model's evaluation recorded, when a row needs one).
+    candidates: int = 1
+    scorer: str | None = None
 
 
 class PlanChanged(ConfigError):
@@ -152,9 +174,11 @@ def manifest_digest(model: str, root: str) -> str:
 
 
 class GenerateShard:
-    """Actor: holds one model; for a shard, writes its wavs, then its manifest part."""
+    """Actor: holds one model (and the scorer, for best-of-N); for a shard, reads its rows' input
+    clips, writes its wavs, the rows it had to refuse, then its manifest part."""
 
-    def __init__(self, model: dict, root: str, out: str, tracking_uri: str | None = None):
+    def __init__(self, model: dict, root: str, out: str, tracking_uri: str | None = None, scorer: str | None = None,
+                 batch_size: int = 8):
         from pipelines.core.registry import load_pipeline
 
         self.model = ResolvedModel(**model)
@@ -167,29 +191,67 @@ class GenerateShard:
             if now != self.model.version:
                 raise RuntimeError(f"{self.model.uri} changed since the job was planned ({self.model.version} -> "
                                    f"{now}): refusing to mix two models in {out}")
-        self.out = out
+        self.scorer = None
+        if scorer is not None:  # checked against the model's text encoder when the job was planned
+            from pipelines.scoring import default_weights_dir, load_scorer
+
+            self.scorer = load_scorer(scorer, text_encoder=self.pipe.text_encoder, text_config=None,
+                                      weights_dir=default_weights_dir(root), device=str(self.pipe.device))
+        self.out, self.batch_size = out, batch_size
 
     def __call__(self, batch: pa.Table) -> dict:
-        import soundfile as sf
+        from pipelines.row_generation import RowRejected, generate_rows, load_clip, read_clip_bytes
 
         shard = int(batch.column("shard")[0].as_py())
-        rows = [GenerationRow(**r) for r in batch.column("rows")[0].as_py()]
-        t0 = time.perf_counter()
-        gen = self.pipe.generate([r.caption for r in rows], seeds=[r.seed for r in rows], steps=rows[0].steps,
-                                 guidance=rows[0].guidance, solver=rows[0].solver, duration=rows[0].duration)
-        seconds = (time.perf_counter() - t0) / len(rows)
+        rows = [GenerationRow.from_dict(r) for r in batch.column("rows")[0].as_py()]
+        clips, rejects = {}, []
+        for r in rows:
+            if r.audio is None:
+                continue
+            try:
+                clips[r.id] = load_clip(read_clip_bytes(r.audio, BATCH_CLIP), self.pipe.sample_rate, BATCH_CLIP,
+                                        name=r.audio, seconds=r.duration)
+            except RowRejected as e:  # a clip that cannot be used is its row's reject, never the shard's failure
+                rejects.append({"id": r.id, "audio_uri": r.audio, "reason": e.reason, "detail": e.detail})
+        usable = [r for r in rows if r.audio is None or r.id in clips]
+        results, refused = generate_rows(self.pipe, usable, clips, scorer=self.scorer, batch_size=self.batch_size)
+        audio_of = {r.id: r.audio for r in rows}
+        rejects += [{"id": e.row_id, "audio_uri": audio_of[e.row_id], "reason": e.reason, "detail": e.detail}
+                    for e in refused]
         records = []
-        for r, wav in zip(rows, gen.audio):
-            sf.write(buf := io.BytesIO(), wav.clamp(-1, 1).numpy(), gen.sample_rate, "PCM_16", format="WAV")
-            path = f"wavs/{r.name}.wav"
-            storage.write_bytes(storage.join(self.out, path), buf.getvalue())
-            records.append({"id": r.id, "caption": r.caption, "seed": r.seed, "steps": r.steps,
-                            "guidance": r.guidance, "solver": r.solver, "nfe": gen.nfe,
-                            "duration": r.duration, "path": path, "seconds": round(seconds, 4),
-                            "model_version": self.model.version})
+        for res in results:
+            r, pick = res.row, res.pick
+            sf_write(storage.join(self.out, path := f"wavs/{r.name}.wav"), pick.audio, res.sample_rate)
+            records.append({"id": r.id, "caption": r.caption, "seed": pick.seed, "steps": r.steps,
+                            "guidance": r.guidance, "solver": r.solver, "nfe": pick.nfe, "duration": r.duration,
+                            "path": path, "seconds": round(res.seconds, 4), "model_version": self.model.version,
+                            "audio": r.audio, "audio_sha256": res.clip_sha256, "start": r.start, "end": r.end,
+                            "strength": r.strength, **candidate_columns(pick)})
+        if rejects:  # before the part: a shard whose part exists has its rejects written too
+            storage.write_parquet(storage.join(self.out, "rejects", f"shard-{shard:05d}.parquet"),
+                                  rejects_table(rejects))
         part = pa.Table.from_pylist(records, schema=GENERATION_SCHEMA)
         storage.write_parquet(storage.join(self.out, "parts", f"shard-{shard:05d}.parquet"), part)  # last
-        return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
+        return {"shard": [shard], "rows_out": [len(records)], "rejected": [len(rejects)]}
+
+
+def sf_write(uri: str, wav, sample_rate: int) -> None:
+    """(N,) float audio → a 16-bit PCM wav at ``uri`` (local or remote), clipped to [-1, 1]."""
+    import soundfile as sf
+
+    sf.write(buf := io.BytesIO(), wav.clamp(-1, 1).numpy(), sample_rate, "PCM_16", format="WAV")
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def candidate_columns(pick) -> dict:
+    """The manifest's best-of-N columns for a :class:`~lafma.metrics.scoring.Pick`: every
+    candidate's seed and score (JSON), the kept one's index and score; nulls for a row of one
+    unscored candidate."""
+    if pick.scores is None and len(pick.seeds) == 1:
+        return {"candidates": None, "kept": None, "score": None}
+    scores = pick.scores or [None] * len(pick.seeds)
+    return {"candidates": json.dumps([{"seed": s, "score": x} for s, x in zip(pick.seeds, scores)]),
+            "kept": pick.index, "score": pick.score}
 
 
 def shards_of(rows: list[GenerationRow], batch_size: int) -> list[list[dict]]:
@@ -211,11 +273,18 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def row_hash(r: GenerationRow) -> str:
+    """A hash of everything that shapes a row's audio and its file. The optional fields enter
+    only when set, so a row planned before they existed hashes as it did then."""
+    fields = [r.id, r.name, r.caption, int(r.seed), int(r.steps), float(r.guidance), r.solver,
+              None if r.duration is None else float(r.duration)]
+    return _hash(fields + ([r.extras()] if r.extras() else []))
+
+
 def make_plan(rows: list[GenerationRow], shards: list[list[dict]], model: ResolvedModel, settings: dict) -> dict:
     """What ``plan.json`` records: the resolved model, the job's settings, a hash per row (of
     everything that shapes its audio and its file) and of how rows are cut into shards."""
-    row_hashes = {r.id: _hash([r.id, r.name, r.caption, int(r.seed), int(r.steps), float(r.guidance), r.solver,
-                               float(r.duration)]) for r in rows}
+    row_hashes = {r.id: row_hash(r) for r in rows}
     return {"format": PLAN_FORMAT, "model": asdict(model), "settings": settings,
             "rows_hash": _hash(sorted(row_hashes.items())), "shards_hash": _hash([[r["id"] for r in s] for s in shards]),
             "row_count": len(rows), "rows": row_hashes}
@@ -284,7 +353,8 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
     """Generate every good row of ``captions`` into ``out``; returns the summary it writes.
 
     Args:
-        captions: caption file (txt / csv / jsonl / parquet), local or ``s3://``.
+        captions: caption file (txt / csv / jsonl / parquet), local or ``s3://``; a relative
+            ``audio`` path in it lies under the file's folder.
         out: output root, local or ``s3://``; nothing is written outside it.
         s: the job's settings.
         root: the storage root whose MLflow store resolves ``models:/`` URIs.
@@ -292,28 +362,35 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
 
     Raises:
         PlanChanged: ``out`` holds a job planned otherwise (see :func:`check_plan`).
-        ConfigError: ``s.model`` names no model, or ``s.batch_size`` < 1.
+        ConfigError: ``s.model`` names no model, ``s.batch_size`` < 1, or rows ask for
+            best-of-N and no scorer can be found or used with the model.
     """
     if s.batch_size < 1:
         raise ConfigError("batch_size", f"must be >= 1, got {s.batch_size}")
+    if not 1 <= s.candidates <= MAX_CANDIDATES:
+        raise ConfigError("candidates", f"must be in [1, {MAX_CANDIDATES}], got {s.candidates}")
     records, unparsed = read_caption_records(captions)
     model = resolve_model(s.model, root=root)  # pinned: an alias moved mid-job changes nothing
     d = defaults or model_defaults(model.uri, root)
     job = {"steps": int(s.steps or d["steps"]), "guidance": float(d["guidance"] if s.guidance is None else s.guidance),
            "solver": s.solver or d["solver"], "duration": float(s.duration or d["duration"])}
-    rows, rejects = plan_generation(records, job_seed=s.seed, **job)
-    rejects = [{"id": r["id"], "audio_uri": "", "reason": r["reason"], "detail": r["detail"]}
-               for r in [*unparsed, *rejects]]
+    rows, rejects = plan_generation(records, job_seed=s.seed, candidates=s.candidates, **job)
+    rows, refused = _locate_clips(rows, captions)
+    rejects = [{"id": r["id"], "audio_uri": r.get("audio_uri", ""), "reason": r["reason"], "detail": r["detail"]}
+               for r in [*unparsed, *rejects, *refused]]
     shards = shards_of(rows, s.batch_size)
     parts = storage.join(out, "parts")
-    check_plan(out, make_plan(rows, shards, model, {**job, "seed": s.seed, "batch_size": s.batch_size}))
+    scorer, digest = _scorer_for(rows, s, model, root)
+    # The scorer enters the plan only when used: a plan without one reads as it did before.
+    check_plan(out, make_plan(rows, shards, model, {**job, "seed": s.seed, "batch_size": s.batch_size,
+                                                    **({"scorer": digest} if scorer else {})}))
     storage.write_parquet(storage.join(out, "rejects", "plan.parquet"), rejects_table(rejects))
     todo = pending_shards(parts, len(shards))
     print(f"[generate] {len(rows)} rows in {len(shards)} shards ({len(shards) - len(todo)} done before), "
-          f"{len(rejects)} rejected; model {model.version}", flush=True)
+          f"{len(rejects)} rejected; model {model.version}" + (f"; scorer {scorer}" if scorer else ""), flush=True)
     t0 = time.time()
     if todo:
-        _run(out, shards, todo, s, root, model)
+        _run(out, shards, todo, s, root, model, scorer)
     wall = time.time() - t0
     manifest = storage.read_parquet_dir(parts, columns=None)
     manifest = manifest.sort_by("id") if manifest.num_rows else GENERATION_SCHEMA.empty_table()
@@ -323,20 +400,59 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
 
     pacsv.write_csv(manifest, csv)
     storage.write_bytes(storage.join(out, "manifest.csv"), csv.getvalue())
-    generated = sum(len(shards[i]) for i in todo)
-    audio_s = sum(r["duration"] for i in todo for r in shards[i])
+    rejects = storage.read_parquet_dir(storage.join(out, "rejects")).to_pylist()  # the plan's and the shards'
+    now = {r["id"] for i in todo for r in shards[i]}
+    made = [r for r in manifest.select(["id", "duration"]).to_pylist() if r["id"] in now]
+    generated, audio_s = len(made), sum(r["duration"] for r in made)
     summary = {"rows": manifest.num_rows, "generated_now": generated, "rejected": len(rejects),
                "reasons": _reasons(rejects), "wall_seconds": round(wall, 2),
                "clips_per_second": round(generated / wall, 3) if generated else None,
                "audio_seconds_per_second": round(audio_s / wall, 3) if generated else None,
                "rtf": round(wall / audio_s, 4) if generated else None, "model": s.model,
-               "model_uri": model.uri, "model_version": model.version, "out": out}
+               "model_uri": model.uri, "model_version": model.version, "scorer": scorer, "out": out}
     storage.write_json(storage.join(out, "_SUCCESS.json"), summary)
     if generated:
         print(f"[generate] {generated} clips, {audio_s:.1f} s of audio in {wall:.1f} s: "
               f"{summary['clips_per_second']} clips/s, {summary['audio_seconds_per_second']}x real time "
               f"(RTF {summary['rtf']})", flush=True)
     return summary
+
+
+def _locate_clips(rows: list[GenerationRow], captions: str) -> tuple[list[GenerationRow], list[dict]]:
+    """Rows with their ``audio`` resolved (a relative path lies under the caption file's folder),
+    and the rejects of rows whose clip lies under a scheme the job may not read."""
+    base = captions.rsplit("/", 1)[0] if "/" in captions else "."
+    kept, refused = [], []
+    for r in rows:
+        if r.audio is not None:
+            r = replace(r, audio=resolve(r.audio, base if storage.is_remote(base) else os.path.abspath(base)))
+            if (why := scheme_refusal(r.audio, BATCH_CLIP.allowed_schemes)) is not None:
+                refused.append({"id": r.id, "audio_uri": r.audio, "reason": "scheme_not_allowed", "detail": why})
+                continue
+        kept.append(r)
+    return kept, refused
+
+
+def _scorer_for(rows: list[GenerationRow], s: GenerationSettings, model: ResolvedModel,
+                root: str) -> tuple[str | None, str | None]:
+    """The scorer folder the job ranks candidates with and its digest, or (None, None) when no
+    row has more than one candidate and none was given.
+
+    Raises:
+        ConfigError: a row needs one and none is found, or it does not fit the model.
+    """
+    if s.scorer is None and not any(r.candidates > 1 for r in rows):
+        return None, None
+    from pipelines.core.registry import bundle_manifest
+    from pipelines.scoring import ScorerError, check_fits, read_meta, resolve_scorer
+
+    try:
+        uri = resolve_scorer(model.uri, s.scorer, root=root)
+        meta, digest = read_meta(uri)
+        check_fits(meta, bundle_manifest(model.uri, root=root)["config"]["text"], uri)
+    except ScorerError as e:
+        raise ConfigError("scorer", str(e)) from None
+    return uri, digest
 
 
 def _reasons(rejects: list[dict]) -> dict[str, int]:
@@ -347,10 +463,11 @@ def _reasons(rejects: list[dict]) -> dict[str, int]:
 
 
 def _run(out: str, shards: list[list[dict]], todo: list[int], s: GenerationSettings, root: str,
-         model: ResolvedModel) -> None:
+         model: ResolvedModel, scorer: str | None) -> None:
     """The pending shards through an actor pool (``run_shards`` picks what is missing by
     ``shard-*.parquet`` in a directory: here the manifest parts). Actors load ``model.uri``."""
     run_shards(storage.join(out, "parts"), shards, GenerateShard, label="generate", num_cpus=s.actor_cpus,
                num_gpus=s.actor_gpus, actors=max(1, min(s.actors, len(todo))),
                fn_kwargs={"model": asdict(model), "root": root, "out": out,
-                          "tracking_uri": tracking.tracking_uri(root)})
+                          "tracking_uri": tracking.tracking_uri(root), "scorer": scorer,
+                          "batch_size": s.batch_size})

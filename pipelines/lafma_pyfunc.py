@@ -4,6 +4,6 @@ run arbitrary code through pickle."""
 
 import mlflow
 
-from pipelines.core.registry import LafmaModel
+from pipelines.serving import LafmaModel
 
 mlflow.models.set_model(LafmaModel())

@@ -2,7 +2,8 @@
 
 A version is a pyfunc around a :mod:`lafma.bundle` directory (the LFM, VAE and vocoder as
 safetensors, every component's config, the text encoder or its reference, the mel hash).
-It is logged as *models from code* (:mod:`pipelines.lafma_pyfunc`) for ``mlflow models serve``;
+It is logged as *models from code* (:mod:`pipelines.lafma_pyfunc`, running
+:class:`pipelines.serving.LafmaModel`) for ``mlflow models serve``;
 the project's own loads (:func:`load_pipeline`) never run it: they fetch the bundle's files
 and check their hashes.
 
@@ -27,11 +28,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import mlflow
-import numpy as np
 import pandas as pd
 
-from lafma.data.captions import batches, plan_generation
 from pipelines.core import tracking
+
+# The pyfunc and how it generates a request's rows live in pipelines/serving.py; they are
+# named here too because versions logged before the move load them from this module.
+from pipelines.serving import INPUT_COLUMNS, PREDICT_BATCH, LafmaModel, generate_frame, signature  # noqa: F401
 
 MODEL_NAME = "lafma"
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -42,87 +45,6 @@ GATE_METRIC_TAG, GATE_VALUE_TAG, GATE_MODE_TAG = "lafma.gate.metric", "lafma.gat
 # the files: the manifest holds every file's hash, so the artifact store alone cannot change a
 # registered model without the load noticing.
 MANIFEST_TAG = "lafma.bundle_manifest_sha256"
-INPUT_COLUMNS = {"caption": "string", "seed": "long", "steps": "long", "guidance": "double", "solver": "string",
-                 "duration": "double"}
-# Clips per pipeline call in ``predict``: batch generation's default (GenerationSettings),
-# so one large request holds no more in memory than one shard of a batch job.
-PREDICT_BATCH = 8
-
-
-class LafmaModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc: a table of captions (optional seed, steps, guidance, solver, duration per
-    row) in, a table with each row's audio (float32 list), sample rate, seed and NFE out.
-
-    Rows are checked as batch generation checks them (:func:`lafma.data.captions.plan_generation`);
-    a table with any row that cannot be generated raises ``ValueError`` naming every such row
-    and why, and generates nothing.
-    """
-
-    def load_context(self, context) -> None:
-        import torch
-
-        from lafma.bundle import load_bundle
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_bundle(context.artifacts["bundle"], device=device)
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from pipelines.core.limits import check_request
-
-        check_request(model_input)  # rows, steps, duration: a 400 before any work
-        try:
-            return generate_frame(self.pipe, pd.DataFrame(model_input))
-        except ValueError as e:  # rows batch generation would reject (no caption, an unknown solver, ...)
-            # An MlflowException keeps its message in the server's answer (400); any other
-            # exception becomes a generic "unexpected error" there.
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
-
-
-def generate_frame(pipe, frame: pd.DataFrame, batch_size: int = PREDICT_BATCH) -> pd.DataFrame:
-    """Generate every row of ``frame`` (see :class:`LafmaModel`); rows sharing settings are batched.
-
-    Rows are planned by :func:`lafma.data.captions.plan_generation`, with the pipeline's
-    defaults for what a row leaves out. A row without a seed gets its position (0, 1, ...), so
-    a table always yields the same audio.
-
-    Raises:
-        ValueError: no ``caption`` column, or rows that batch generation would reject; the
-            message names each (``row-000002``: the second row, or its ``id``) with its reason.
-    """
-    if "caption" not in frame.columns:
-        raise ValueError(f"the input needs a 'caption' column; got {list(frame.columns)}")
-    d = pipe.defaults
-    records = frame.to_dict("records")
-    for i, r in enumerate(records):
-        seed = r.get("seed")
-        if seed is None or (pd.api.types.is_scalar(seed) and pd.isna(seed)):
-            r["seed"] = i
-    rows, rejects = plan_generation(records, job_seed=0, steps=d["steps"], guidance=d["guidance"],
-                                    solver=d["solver"], duration=d["duration"])
-    if rejects:
-        raise ValueError(f"{len(rejects)} of {len(records)} rows cannot be generated: " + "; ".join(
-            f"{r['id']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "") for r in rejects))
-    position = {r.id: i for i, r in enumerate(rows)}  # every row was kept: planned rows are in input order
-    out: list[dict | None] = [None] * len(rows)
-    for part in batches(rows, batch_size):
-        steps, guidance, solver, duration = part[0].settings
-        gen = pipe.generate([r.caption for r in part], seeds=[r.seed for r in part], steps=steps,
-                            guidance=guidance, solver=solver, duration=duration)
-        for r, audio in zip(part, gen.audio):
-            out[position[r.id]] = {"caption": r.caption, "seed": r.seed, "steps": r.steps, "guidance": r.guidance,
-                                   "solver": r.solver, "duration": r.duration, "nfe": gen.nfe,
-                                   "sample_rate": gen.sample_rate, "audio": audio.numpy().astype(np.float32)}
-    return pd.DataFrame(out)
-
-
-def signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec(t, n, required=n == "caption") for n, t in INPUT_COLUMNS.items()]))
 
 
 @dataclass
