@@ -60,6 +60,7 @@ class LafmaModel(mlflow.pyfunc.PythonModel):
         self.text_config = read_bundle_manifest(bundle)["config"]["text"]
         self.scorer_uri = os.environ.get(SCORER_ENV) or _recorded_scorer(bundle)
         self._scorer = None
+        _warn_if_signature_drops_columns(bundle)
 
     def scorer(self):
         """The scorer, loaded on the first best-of-N request.
@@ -91,6 +92,22 @@ class LafmaModel(mlflow.pyfunc.PythonModel):
             # An MlflowException keeps its message in the server's answer (400); any other
             # exception becomes a generic "unexpected error" there.
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+
+
+def _warn_if_signature_drops_columns(bundle: str) -> None:
+    """Say so at start-up when the version's signature predates some of :data:`INPUT_COLUMNS`:
+    MLflow drops a request's columns that the signature does not name before ``predict`` sees
+    them (a ``strength`` would be lost without a word), so such a version serves captions only."""
+    try:
+        from mlflow.models import Model
+
+        signature = Model.load(os.path.dirname(os.path.dirname(os.path.abspath(bundle)))).signature
+        names = set(signature.inputs.input_names()) if signature is not None else set(INPUT_COLUMNS)
+    except Exception:  # noqa: BLE001 — a warning, never a failed load
+        return
+    if missing := [c for c in INPUT_COLUMNS if c not in names]:
+        print(f"[lafma] this version's signature lacks {', '.join(missing)}: MLflow drops those columns from "
+              "requests before the model sees them; register the bundle again to serve them", file=sys.stderr)
 
 
 def _recorded_scorer(bundle: str) -> str | None:

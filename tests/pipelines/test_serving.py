@@ -1,8 +1,11 @@
 """``mlflow models serve`` on a registered version answers a real HTTP client with the audio the
-pyfunc makes in process; a bad request gets a 400 with its reason and the server keeps serving."""
+pyfunc makes in process (from a caption, from a clip sent as base64, best-of-N with the scorer
+the version records); a bad request gets a 400 with its reason and the server keeps serving."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import subprocess
@@ -14,8 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import soundfile as sf
 
 from pipelines.core import registry, tracking
+from pipelines.scoring import tag_scorer
+from tests.pipelines.test_best_of_n import make_scorer
 from tests.pipelines.test_generation_plan import make_bundle
 
 
@@ -52,8 +58,9 @@ def serve(uri: str, env: dict, logs: Path) -> tuple[subprocess.Popen, str]:
 
 
 def split(frame: pd.DataFrame) -> dict:
-    """The documented request body (pandas' split orientation)."""
-    return {"dataframe_split": {"columns": list(frame.columns), "data": frame.values.tolist()}}
+    """The documented request body (pandas' split orientation); an empty cell is null."""
+    data = frame.astype(object).where(frame.notna(), None).values.tolist()
+    return {"dataframe_split": {"columns": list(frame.columns), "data": data}}
 
 
 @pytest.mark.slow
@@ -65,12 +72,23 @@ def test_a_served_version_answers_with_the_pyfuncs_audio_and_refuses_bad_request
     run = tracking.start_run(root=str(root), experiment="serving", run_name="package")
     reg = registry.register(bundle, root=str(root), run_id=run, gate_metric="heldout/fm_loss", gate_value=1.0)
     registry.promote(reg.version, root=str(root), reason="serve it")
+    tag_scorer(reg.version, make_scorer(tmp_path / "scorer", bundle), root=str(root))  # as its evaluation would
     # MLflow execs `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(str(root)),
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
     request = pd.DataFrame({"caption": ["a bell rings", "a dog barks"], "seed": [1, 2], "steps": [2, 2]})
+    wav = tmp_path / "in.wav"
+    sf.write(wav, (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32), 16000)
+    clip = base64.b64encode(wav.read_bytes()).decode()
+    # Inpainting and audio-to-audio from the clip's bytes, and best-of-3 of a plain caption.
+    edits = pd.DataFrame({"caption": ["a dog barks", "rain", "a bell rings"], "seed": [3, 4, 5], "steps": [2, 2, 2],
+                          "audio_b64": [clip, clip, None], "start": [0.2, None, None], "end": [0.5, None, None],
+                          "strength": [None, 0.5, None], "candidates": [1, 1, 3]})
     tracking.configure(str(root))
-    want = mlflow.pyfunc.load_model("models:/lafma@champion").predict(request)
+    served_model = mlflow.pyfunc.load_model("models:/lafma@champion")
+    want = served_model.predict(request)
+    want_edits = served_model.predict(edits)
+    assert json.loads(want_edits["candidates"][2])[0]["seed"] == 5 and want_edits["duration"][0] == 1.0
 
     proc, url = serve("models:/lafma@champion", env, tmp_path)
     try:
@@ -82,11 +100,26 @@ def test_a_served_version_answers_with_the_pyfuncs_audio_and_refuses_bad_request
             assert got["sample_rate"] == want["sample_rate"][0]
             np.testing.assert_allclose(np.asarray(got["audio"], np.float32), audio, rtol=0, atol=1e-6)
 
+        answer = requests.post(f"{url}/invocations", json=split(edits), timeout=300)
+        assert answer.status_code == 200, answer.text[:2000]
+        rows = answer.json()["predictions"]
+        for got, (_, row) in zip(rows, want_edits.iterrows()):
+            np.testing.assert_allclose(np.asarray(got["audio"], np.float32), row["audio"], rtol=0, atol=1e-6)
+            assert (got["seed"], got["kept"]) == (row["seed"], row["kept"])
+        assert [r["audio_sha256"] for r in rows[:2]] == list(want_edits["audio_sha256"][:2])
+        assert [c["seed"] for c in json.loads(rows[2]["candidates"])] == [5, 6, 7]
+
         bad = {
             "steps": pd.DataFrame({"caption": ["a bell"], "steps": [100_000]}),
             "duration": pd.DataFrame({"caption": ["a bell"], "duration": [10_000.0]}),
             "solver": pd.DataFrame({"caption": ["a bell"], "solver": ["nope"]}),
             "caption": pd.DataFrame({"seed": [1]}),
+            # The server reads no file a client names; clips come as bytes.
+            "reads none": pd.DataFrame({"caption": ["a bell"], "audio": [str(wav)], "strength": [0.5]}),
+            "undecodable": pd.DataFrame({"caption": ["a bell"], "audio_b64": [base64.b64encode(b"x" * 64).decode()],
+                                         "strength": [0.5]}),
+            "bad_region": pd.DataFrame({"caption": ["a bell"], "audio_b64": [clip], "start": [0.5], "end": [0.2]}),
+            "candidates": pd.DataFrame({"caption": ["a bell"], "candidates": [100]}),
         }
         for reason, frame in bad.items():
             refused = requests.post(f"{url}/invocations", json=split(frame), timeout=120)
