@@ -1,7 +1,8 @@
 """The installed ``lafma`` command: ``describe`` (from :mod:`lafma.cli`), ``generate`` and ``import``.
 
 ``lafma generate "a dog barks twice" -o dog.wav`` generates one clip with the registered
-champion (or any ``--model``: ``models:/lafma/3``, ``runs:/<id>/model``, a bundle directory).
+champion (or any ``--model``: ``models:/lafma/3``, ``runs:/<id>/model``, a bundle directory);
+``--candidates 4`` generates four seeds and keeps the clip the text-audio scorer ranks highest.
 
 ``lafma import --lfm lafma.ckpt --vae vaegan.ckpt --vocoder hifigan_16k_64bins.ckpt
 --text-encoder flan-t5-large/ --out lafma-released/ --register`` turns the published files into
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -55,20 +57,55 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.regenerate is not None or args.strength != 1.0:
         print("lafma generate: --regenerate and --strength need --audio", file=sys.stderr)
         return 2
+    scorer = None
+    if args.candidates < 1:
+        print("lafma generate: --candidates must be >= 1", file=sys.stderr)
+        return 2
+    if args.candidates > 1 or args.scorer:
+        try:
+            scorer = _scorer(args, pipe)
+        except ValueError as e:  # none recorded and none given, another text encoder, a changed file
+            print(f"lafma generate: {e}", file=sys.stderr)
+            return 2
     t0 = time.perf_counter()
     try:
-        gen = pipe.generate([args.caption], seeds=None if args.seed is None else [args.seed], steps=args.steps,
-                            guidance=args.guidance, solver=args.solver, duration=args.duration, **extra)
+        if scorer is None:
+            gen = pipe.generate([args.caption], seeds=None if args.seed is None else [args.seed], steps=args.steps,
+                                guidance=args.guidance, solver=args.solver, duration=args.duration, **extra)
+            wav, seed, nfe, rate = gen.audio[0], gen.seeds[0], gen.nfe, gen.sample_rate
+        else:
+            from lafma.metrics.scoring import best_of_n
+
+            seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+            if "audio" in extra:
+                extra["audio"] = extra["audio"].reshape(1, -1)
+            pick = best_of_n(pipe.generate, [args.caption], [seed], args.candidates, scorer=scorer,
+                             steps=args.steps, guidance=args.guidance, solver=args.solver, duration=args.duration,
+                             **extra)[0]
+            wav, seed, nfe, rate = pick.audio, pick.seed, pick.nfe, pipe.sample_rate
+            for i, (s, x) in enumerate(zip(pick.seeds, pick.scores)):
+                print(f"candidate {i}: seed {s}, score {x:.4f}" + ("  <- kept" if i == pick.index else ""))
     except ValueError as e:  # a region outside the clip, a strength out of range, dopri5 with a region
         print(f"lafma generate: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    write_audio(out, gen.audio[0], gen.sample_rate)
-    clip = gen.audio.shape[-1] / gen.sample_rate
-    print(f"{out}: {clip:.2f} s at {gen.sample_rate} Hz, seed {gen.seeds[0]}, {gen.nfe} NFE, "
+    write_audio(out, wav, rate)
+    clip = wav.shape[-1] / rate
+    print(f"{out}: {clip:.2f} s at {rate} Hz, seed {seed}, {nfe} NFE, "
           f"{seconds:.2f} s ({clip / seconds:.1f}x real time)")
     return 0
+
+
+def _scorer(args: argparse.Namespace, pipe):
+    """The text-audio scorer: ``--scorer``, or the one the model's evaluation recorded."""
+    from pipelines.core.registry import bundle_manifest
+    from pipelines.scoring import default_weights_dir, load_scorer, resolve_scorer
+
+    uri = resolve_scorer(args.model, args.scorer, root=args.root)
+    text = bundle_manifest(args.model, root=args.root)["config"]["text"]
+    return load_scorer(uri, text_encoder=pipe.text_encoder, text_config=text, weights_dir=default_weights_dir(args.root),
+                       device=str(pipe.device))
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -90,6 +127,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--strength", type=float, default=1.0,
                    help="audio-to-audio: how much of the path to regenerate, 0 (the clip's round trip) to 1 "
                         "(plain generation with the same seed; default)")
+    g.add_argument("--candidates", type=int, default=1, metavar="N",
+                   help="best-of-N: generate seeds SEED, SEED+1, ... SEED+N-1 and keep the clip the text-audio "
+                        "scorer ranks highest (default 1: plain generation)")
+    g.add_argument("--scorer", default=None, metavar="DIR",
+                   help="scorer folder for --candidates (default: the one the model's evaluation recorded)")
     g.add_argument("--regenerate", type=_time_range, default=None, metavar="START:END",
                    help="inpainting: the seconds to generate, the rest kept from --audio; past the clip's end "
                         "with a longer --duration, continuation")

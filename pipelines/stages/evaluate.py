@@ -12,6 +12,9 @@ clips (``generated/manifest.parquet``: id → wav), and ``metrics.json``, which 
 metrics records the held-out ids in the order every paired set was scored (row i of the
 generated, the real and the caption sets is clip ``ids[i]``) and the ids of the two halves
 ``eval/fd_half`` and ``ref/real_vs_real/fd`` compare.
+
+The text-audio projection it fits is saved as a scorer (``scorer/``, :mod:`pipelines.scoring`)
+and the model version is tagged with its URI: best-of-N generation ranks candidates with it.
 """
 
 from __future__ import annotations
@@ -246,13 +249,14 @@ class EvaluateStage(Stage):
         gate_name = f"{e.gate_metric}/{embedder.name}"
         registry.set_gate(pkg["model_version"], root=ctx.root, metric=gate_name, value=gate_value,
                           lower_is_better=e.gate_metric not in HIGHER_IS_BETTER)
+        scorer = self._save_scorer(ctx, out_dir, scores, embedder, pkg, len(train))
         sheet = storage.join(out_dir, "spectrograms.png")
         storage.write_bytes(sheet, png := spectrogram_sheet(cfg.mel, held, gen, roundtrip))
         self._log(ctx, held, gen, scores, flat, embedder, sweep, out_dir, png)
         print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
         return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
                 "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep,
-                "spectrograms": sheet}
+                "spectrograms": sheet, "scorer": scorer}
 
     def summary(self, info: dict) -> list[str]:
         """The headline numbers beside their references, the attribute accuracies and the
@@ -272,6 +276,28 @@ class EvaluateStage(Stage):
         if "spectrograms" in info:
             lines.append(f"spectrogram sheet: {info['spectrograms']}")
         return lines
+
+    def _save_scorer(self, ctx: StageContext, out_dir: str, scores, embedder, pkg: dict, train_clips: int) -> str:
+        """The fitted text-audio projection as a scorer folder (what best-of-N generation ranks
+        candidates with), its URI recorded on the model version."""
+        from pipelines.scoring import (
+            bundle_config,
+            default_weights_dir,
+            save_projection_scorer,
+            tag_scorer,
+        )
+
+        e = ctx.cfg.evaluate
+        uri = save_projection_scorer(
+            storage.join(out_dir, "scorer"), projection=scores.projection, embedder=embedder, embedder_kind=e.embedder,
+            embedder_weights=e.embedder_weights or default_weights_dir(ctx.root),
+            embedder_extra={"pca_params": e.vggish_pca or None} if e.embedder == "vggish" else None,
+            # The caption embeddings it was fitted on are the text stage's, made by the model's own encoder.
+            text_config=bundle_config(ctx.outputs["package"])["text"],
+            fitted_on={"audio": ctx.outputs["audio"], "text": ctx.outputs["text"], "train_clips": train_clips,
+                       "seed": e.seed})
+        tag_scorer(pkg["model_version"], uri, root=ctx.root)
+        return uri
 
     def _generate(self, ctx: StageContext, held: list[dict], out_dir: str, name: str, steps: int,
                   pkg: dict) -> tuple[list[np.ndarray], float]:
