@@ -300,6 +300,8 @@ def plan_changes(old: dict, new: dict) -> list[str]:
     for key, value in new["settings"].items():
         if old["settings"].get(key) != value:
             changes.append(f"{key}: {old['settings'].get(key)} -> {value}")
+    for key in sorted(old["settings"].keys() - new["settings"].keys()):  # e.g. a scorer no longer used
+        changes.append(f"{key}: {old['settings'][key]} -> None")
     was, now = old["rows"], new["rows"]
     if old["rows_hash"] != new["rows_hash"]:
         counts = {"changed": sum(i in was and was[i] != h for i, h in now.items()),
