@@ -14,6 +14,7 @@ from lafma.metrics.scoring import ProjectionScorer, TextAudioScorer, best_of_n, 
 from lafma.metrics.text_audio import TextAudioProjection, masked_mean
 from lafma.models import build_pipeline
 from pipelines.config import load_pipeline_config
+from tests.lafma.test_metrics_clap import small_htsat_file, text_parts  # noqa: F401 — fixtures: a tiny CLAP
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 
@@ -103,3 +104,15 @@ def test_the_projection_scorer_is_the_evaluations_score_of_mean_pooled_captions(
     emb, mask = pipe.text_encoder(captions)
     want = projection.score(MeanEmbedder().embed(audio, 16000), masked_mean(emb, mask))
     assert torch.allclose(scorer.score(audio, 16000, captions), want, atol=1e-6)
+
+
+def test_the_clap_scorer_is_the_cosine_of_claps_two_towers(small_htsat_file, text_parts):  # noqa: F811
+    from lafma.metrics.embedders import ClapModel
+    from lafma.metrics.scoring import ClapScorer
+
+    clap = ClapModel(small_htsat_file, tokenizer=text_parts[1])
+    audio = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    captions = ["a dog barks twice", "rain on a tin roof"]
+    a = torch.nn.functional.normalize(clap.embed_audio(audio, 16000), dim=-1)
+    t = torch.nn.functional.normalize(clap.embed_text(captions), dim=-1)
+    torch.testing.assert_close(ClapScorer(clap).score(audio, 16000, captions), (a * t).sum(-1), atol=1e-5, rtol=0)
