@@ -1,0 +1,170 @@
+"""Best-of-N on a model's held-out captions: attribute accuracy and text-audio score for each N.
+
+    python benchmarks/best_of_n.py --root /tmp/runs/base --model models:/lafma/1 \
+        [--scorer DIR] [--evaluate DIR] [--n 1,2,4,8] [--out DIR] [--write benchmarks/results/best_of_n_cpu2.md]
+
+The captions, seeds and sampler settings are the model's ``evaluate`` stage's (found under
+``<root>/data/*/evaluate-*`` by the model's version, or ``--evaluate``): every held-out clip's
+caption, seeded by its id, at the model's steps, guidance, solver and clip length. For each N
+the batch job runs them (:func:`pipelines.generation.run_generation`, what ``pipelines/generate.py
+--candidates N`` runs: seeds seed .. seed + N - 1, the clip the scorer ranks highest kept), and
+the kept clips are scored as the stage scores its clips:
+
+- attribute accuracy: the stage's attribute classifiers (fitted on the training clips' embeddings
+  by its embedder, aisfx by default), applied to each kept clip against its caption's labels;
+  per attribute and the mean over attributes;
+- text-audio: the scorer's mean score of the kept clips. Best-of-N picks by this score, so it
+  rises with N by construction: the attribute accuracy, which owes the scorer nothing, is the
+  measure of whether the kept clips follow their captions better.
+
+The N = 1 row is plain generation with the stage's seeds: it reproduces the stage's own
+``eval/text_audio`` and attribute accuracies (printed beside it). Every job's output stays in
+``--out`` (a temporary folder by default; nothing is written under ``--root``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def find_evaluation(root: str, version: str) -> str:
+    """The newest finished ``evaluate`` stage output under ``root`` that evaluated ``version``."""
+    found = []
+    for marker in glob.glob(os.path.join(root, "data", "*", "evaluate-*", "_SUCCESS.json")):
+        info = json.loads(Path(marker).read_text())
+        if str(info.get("model_version")) == version:
+            found.append((info.get("finished_at", ""), os.path.dirname(marker)))
+    if not found:
+        raise SystemExit(f"no evaluate stage under {root}/data evaluated version {version}: give --evaluate")
+    return max(found)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="storage root of the finished run (its MLflow store resolves --model)")
+    p.add_argument("--model", required=True, help="models:/lafma/<version> or models:/lafma@<alias>")
+    p.add_argument("--scorer", default=None, help="scorer folder (default: the one the version's evaluation recorded)")
+    p.add_argument("--evaluate", default=None, help="the version's evaluate stage output (default: found under --root)")
+    p.add_argument("--n", default="1,2,4,8", help="candidate counts, comma-separated")
+    p.add_argument("--seed", type=int, default=0, help="evaluate.seed of that run (the held-out clips' seeds)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per model call")
+    p.add_argument("--actor-cpus", type=float, default=1.0)
+    p.add_argument("--out", default=None, help="where the jobs write (default: a new temporary folder)")
+    p.add_argument("--write", default=None, help="also write the markdown report here")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from lafma.data.captions import derive_seed
+    from lafma.metrics import attribute_accuracy, fit_attribute_classifiers
+    from pipelines.config import ComputeConfig
+    from pipelines.core import storage
+    from pipelines.core.cluster import init_ray
+    from pipelines.generation import GenerationSettings, resolve_model, run_generation
+    from pipelines.scoring import bundle_config, resolve_scorer
+    from pipelines.stages import evaluate as ev
+
+    root = storage.absolute(args.root)
+    model = resolve_model(args.model, root=root)
+    version = model.uri.rsplit("/", 1)[-1]
+    evaluate = storage.absolute(args.evaluate) if args.evaluate else find_evaluation(root, version)
+    marker = json.loads(Path(evaluate, "_SUCCESS.json").read_text())
+    inputs, stage = marker["inputs"], marker["metrics"]
+    scorer = resolve_scorer(model.uri, args.scorer, root=root)
+    out = args.out or tempfile.mkdtemp(prefix="best_of_n-")
+    counts = [int(n) for n in args.n.split(",")]
+
+    ids = json.loads(Path(evaluate, "metrics.json").read_text())["ids"]
+    # The stage scored the first max_clips held-out clips by id: the first len(ids) of them.
+    by_id = {c["id"]: c for c in ev.load_clips(inputs["audio"], ev.HELD_OUT, len(ids))}
+    held = [by_id[i] for i in ids]
+    train = ev.load_clips(inputs["audio"], ("train",), ev.TRAIN_CLIPS)
+    cfg = bundle_config(inputs["package"])
+    sr, sampler = cfg["mel"]["sample_rate"], cfg["sampler"]
+    from pipelines.config import EvaluateConfig, PipelineConfig
+
+    embedder = ev.evaluation_embedder(PipelineConfig(evaluate=EvaluateConfig()), root)
+    if embedder.weights_sha256 != marker["embedder"]["embedder_sha256"]:
+        raise SystemExit(f"{embedder.name} is not the embedder {evaluate} used ({marker['embedder']['embedder']})")
+    names = ev.attribute_names(train)
+    fit = fit_attribute_classifiers(torch.from_numpy(ev.embed(embedder, [c["waveform"] for c in train], sr).clips),
+                                    {a: [c["attributes"].get(a) for c in train] for a in names})
+    labels = {a: [c["attributes"].get(a) for c in held] for a in names}
+
+    captions = os.path.join(out, "captions.jsonl")
+    os.makedirs(out, exist_ok=True)
+    Path(captions).write_text("".join(json.dumps({"id": c["id"], "caption": c["caption"],
+                                                  "seed": derive_seed(args.seed, c["id"])}) + "\n" for c in held))
+    init_ray(ComputeConfig())
+    rows = []
+    for n in counts:
+        job = os.path.join(out, f"n-{n:02d}")
+        settings = GenerationSettings(model=model.uri, steps=sampler["steps"], guidance=sampler["guidance"],
+                                      solver=sampler["solver"], duration=cfg["audio"]["clip_seconds"], seed=args.seed,
+                                      batch_size=args.batch_size, actor_cpus=args.actor_cpus, candidates=n,
+                                      scorer=scorer)
+        t0 = time.time()
+        summary = run_generation(captions, job, settings, root=root)
+        wall = time.time() - t0
+        manifest = {r["id"]: r for r in storage.read_parquet_file(os.path.join(job, "manifest.parquet")).to_pylist()}
+        kept = [sf.read(io.BytesIO(Path(job, manifest[i]["path"]).read_bytes()), dtype="float32")[0] for i in ids]
+        acc = attribute_accuracy(fit, torch.from_numpy(ev.embed(embedder, kept, sr).clips), labels)
+        rows.append({"n": n, "attributes": {a: v["accuracy"] for a, v in acc.items()},
+                     "mean_accuracy": float(np.mean([v["accuracy"] for v in acc.values()])),
+                     "text_audio": float(np.mean([manifest[i]["score"] for i in ids])),
+                     "seconds_per_caption": wall / len(ids), "generated_now": summary["generated_now"],
+                     "kept_other": sum(manifest[i]["kept"] != 0 for i in ids)})
+        print(f"[best_of_n] N={n}: attribute accuracy {rows[-1]['mean_accuracy']:.3f}, text-audio "
+              f"{rows[-1]['text_audio']:.4f}, {rows[-1]['seconds_per_caption']:.2f} s/caption", flush=True)
+
+    report = render(args, rows, names, stage, scorer, evaluate, len(ids), out)
+    print(report)
+    if args.write:
+        Path(args.write).write_text(report)
+    return 0
+
+
+def render(args, rows, names, stage, scorer, evaluate, n_captions, out) -> str:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    head = "| N | mean attribute accuracy | text-audio (scorer) | " + " | ".join(names) + \
+        " | kept a later seed | s / caption |"
+    lines = [f"Model {args.model} at {args.root}; evaluation {evaluate}; scorer {scorer}; {n_captions} held-out "
+             f"captions; {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, commit {commit}, "
+             f"1-min load average {load:.2f} at the end; jobs in {out}.", "",
+             head, "|" + " --- |" * (6 + len(names) - 1)]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['mean_accuracy']:.3f} | {r['text_audio']:.4f} | "
+                     + " | ".join(f"{r['attributes'][a]:.3f}" for a in names)
+                     + f" | {r['kept_other']} | {r['seconds_per_caption']:.2f} |")
+    real = [stage.get(f"attr/{a}/real_accuracy", float("nan")) for a in names]
+    chance = [stage.get(f"attr/{a}/chance", float("nan")) for a in names]
+    lines.append(f"| real clips | {sum(real) / len(real):.3f} | {stage.get('ref/real/text_audio', float('nan')):.4f} | "
+                 + " | ".join(f"{v:.3f}" for v in real) + " | | |")
+    lines.append(f"| chance | {sum(chance) / len(chance):.3f} | | " + " | ".join(f"{v:.3f}" for v in chance)
+                 + " | | |")
+    gen = [stage.get(f"attr/{a}/accuracy", float("nan")) for a in names]
+    lines += ["", f"The evaluate stage's own numbers for this model (plain generation, its seeds): mean attribute "
+                  f"accuracy {sum(gen) / len(gen):.3f}, text-audio {stage.get('eval/text_audio', float('nan')):.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
