@@ -193,10 +193,11 @@ class GenerateShard:
                                    f"{now}): refusing to mix two models in {out}")
         self.scorer = None
         if scorer is not None:  # checked against the model's text encoder when the job was planned
-            from pipelines.scoring import default_weights_dir, load_scorer
+            from pipelines.scoring import as_written, default_weights_dir, load_scorer
 
-            self.scorer = load_scorer(scorer, text_encoder=self.pipe.text_encoder, text_config=None,
-                                      weights_dir=default_weights_dir(root), device=str(self.pipe.device))
+            # Scored as the wav files it writes: the manifest's score is the one the file gets.
+            self.scorer = as_written(load_scorer(scorer, text_encoder=self.pipe.text_encoder, text_config=None,
+                                                 weights_dir=default_weights_dir(root), device=str(self.pipe.device)))
         self.out, self.batch_size = out, batch_size
 
     def __call__(self, batch: pa.Table) -> dict:

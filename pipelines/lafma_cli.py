@@ -100,12 +100,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _scorer(args: argparse.Namespace, pipe):
     """The text-audio scorer: ``--scorer``, or the one the model's evaluation recorded."""
     from pipelines.core.registry import bundle_manifest
-    from pipelines.scoring import default_weights_dir, load_scorer, resolve_scorer
+    from pipelines.scoring import as_written, default_weights_dir, load_scorer, resolve_scorer
 
     uri = resolve_scorer(args.model, args.scorer, root=args.root)
     text = bundle_manifest(args.model, root=args.root)["config"]["text"]
-    return load_scorer(uri, text_encoder=pipe.text_encoder, text_config=text, weights_dir=default_weights_dir(args.root),
-                       device=str(pipe.device))
+    return as_written(load_scorer(uri, text_encoder=pipe.text_encoder, text_config=text,
+                                  weights_dir=default_weights_dir(args.root), device=str(pipe.device)))
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:

@@ -187,6 +187,41 @@ def load_scorer(uri: str, *, text_encoder, text_config: dict | None, weights_dir
         return ProjectionScorer(embedder.to(device), projection.eval().to(device), text_encoder)
 
 
+def as_written(scorer):
+    """``scorer``, scoring each clip as the 16-bit PCM wav it is written as (batch jobs,
+    ``lafma generate``), not the float audio before it: a score recomputed from the file, as the
+    evaluation scores its clips, is then the manifest's. (aisfx's log front end hears the
+    quantisation noise of near-silent passages: on the demo model's held-out clips the float
+    audio scores 0.161 where its wav files score 0.168.)"""
+    from lafma.metrics.scoring import TextAudioScorer
+
+    class AsWritten(TextAudioScorer):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.name = inner, inner.name
+
+        def score(self, audio, sample_rate, captions):
+            return self.inner.score(pcm16(audio, sample_rate), sample_rate, captions)
+
+    return AsWritten(scorer)
+
+
+def pcm16(audio, sample_rate: int):
+    """(B, N) float audio → what reading it back from 16-bit PCM wav files gives (soundfile both ways)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    out = []
+    for wav in audio:
+        sf.write(buf := io.BytesIO(), wav.clamp(-1, 1).cpu().numpy(), sample_rate, "PCM_16", format="WAV")
+        buf.seek(0)
+        out.append(sf.read(buf, dtype="float32")[0])
+    return torch.from_numpy(np.stack(out))
+
+
 def registered_scorer(model: str, *, root: str, tracking_uri: str | None = None) -> str | None:
     """The scorer URI the model version's evaluation recorded (:data:`SCORER_TAG`), or None for
     a version without one, a ``runs:/`` URI or a bundle directory."""

@@ -20,7 +20,7 @@ from lafma.config import ConfigError
 from lafma.metrics.scoring import candidate_seeds
 from lafma.metrics.text_audio import TextAudioProjection
 from pipelines.generation import run_generation
-from pipelines.scoring import SCORER_TAG, load_scorer, save_projection_scorer
+from pipelines.scoring import SCORER_TAG, load_scorer, pcm16, save_projection_scorer
 from tests.pipelines.test_generate import write_csv
 from tests.pipelines.test_generation_plan import make_bundle, settings
 
@@ -102,12 +102,15 @@ def test_the_batch_job_keeps_the_best_scored_candidate_and_records_them_all(ray_
         seeds = [c["seed"] for c in listed]
         assert seeds == candidate_seeds(base[r["id"]]["seed"], 3), r["id"]  # the row's seed, then the next ones
         clips = pipe.generate([r["caption"]] * 3, seeds=seeds, steps=2).audio
-        want = ranker.score(clips, pipe.sample_rate, [r["caption"]] * 3).tolist()
+        # Each candidate scored as the 16-bit wav it would be written as.
+        want = ranker.score(pcm16(clips, pipe.sample_rate), pipe.sample_rate, [r["caption"]] * 3).tolist()
         assert [c["score"] for c in listed] == pytest.approx(want, abs=1e-4)
         k = max(range(3), key=want.__getitem__)
         assert r["kept"] == k and r["seed"] == seeds[k] and r["score"] == listed[k]["score"]
         wav = torch.from_numpy(sf.read(best / r["path"], dtype="float32")[0])
         torch.testing.assert_close(wav, clips[k].clamp(-1, 1), rtol=0, atol=1 / 2**15 + 1e-5)
+        # The manifest's score is the one the kept file gets, as the evaluation scores its files.
+        assert float(ranker.score(wav[None], pipe.sample_rate, [r["caption"]])) == pytest.approx(r["score"], abs=1e-4)
         kept_other += k != 0
     assert kept_other  # a ranking that always kept the first candidate would test nothing
 
