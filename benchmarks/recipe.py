@@ -186,6 +186,7 @@ def vae(cfg, root: Path, steps: int, batch: int, bf16: bool, fd: bool = False, s
     import torch
 
     from lafma.models import build_vae
+    from lafma.train import warmup_decay
     from lafma.vae import VAELoss
     from pipelines.train.data import random_crop
 
@@ -194,6 +195,7 @@ def vae(cfg, root: Path, steps: int, batch: int, bf16: bool, fd: bool = False, s
     model, loss = build_vae(cfg), VAELoss.from_config(cfg.vae_loss)
     t = cfg.train_vae
     opt = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=t.lr, betas=t.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, steps, t.decay))
     g = torch.Generator().manual_seed(t.seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -205,6 +207,7 @@ def vae(cfg, root: Path, steps: int, batch: int, bf16: bool, fd: bool = False, s
         opt.zero_grad()
         total.backward()
         opt.step()
+        sched.step()
         progress(step, steps, start)
     seconds = time.perf_counter() - start
     model.eval()
@@ -293,7 +296,7 @@ def lfm(cfg, root: Path, steps: int, batch: int, bf16: bool, vae_weights: str = 
         steps = 0
     ema = EMA(unet, t.ema_decay)
     opt = torch.optim.Adam(unet.parameters(), lr=t.lr, betas=t.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, t.steps, t.decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, steps, t.decay))
     path, f = OTPath(cfg.flow.sigma_min), cfg.flow
     g = torch.Generator().manual_seed(t.seed)
 
