@@ -93,6 +93,15 @@ class GriffinLimVocoder(nn.Module):
     stochastic = True
     takes_seeds = True  # forward(mel, seeds=...): a batch with each item's phase from its own seed
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Bundles written before the iterations were written out here hold torchaudio's
+        # GriffinLim window as a buffer (``griffin_lim.window``): the Hann window of this very
+        # config, nothing learned. Accept it, so those bundles still load strictly.
+        legacy = state_dict.pop(prefix + "griffin_lim.window", None)
+        if legacy is not None and not torch.equal(legacy.to(self.window), self.window):
+            raise ValueError(f"{prefix}griffin_lim.window is not this vocoder's Hann window of {self.win_length}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _stft(self, wav: Tensor) -> Tensor:
         return torch.stft(wav, n_fft=self.n_fft, hop_length=self.hop, win_length=self.win_length, window=self.window,
                           center=True, pad_mode="reflect", normalized=False, onesided=True, return_complex=True)

@@ -134,6 +134,17 @@ def test_griffin_lim_seeds_each_item_in_a_batch():
         vocoder(mel, seeds=[1, 2])
 
 
+def test_griffin_lim_loads_bundles_that_stored_torchaudios_window():
+    """Bundles written while the vocoder wrapped torchaudio's GriffinLim hold its Hann window
+    as ``griffin_lim.window``: they still load strictly (the demo's registered models); a
+    window that is not this config's is refused."""
+    vocoder = GriffinLimVocoder.from_config(MelConfig())
+    assert vocoder.state_dict() == {}
+    vocoder.load_state_dict({"griffin_lim.window": torch.hann_window(1024)}, strict=True)
+    with pytest.raises(ValueError, match="Hann window"):
+        vocoder.load_state_dict({"griffin_lim.window": torch.ones(1024)}, strict=True)
+
+
 @pytest.mark.slow
 def test_generator_overfits_one_clip_on_mel_l1():
     torch.manual_seed(0)
