@@ -43,17 +43,18 @@ def train_job(cfg: PipelineConfig, job: str, *, root: str, data_dir: str, out_di
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = tracking.find_run(root=root, experiment=cfg.name, tags={"lafma.stage_hash": stage_hash}) or \
         tracking.start_run(root=root, experiment=cfg.name, run_name=name, params=to_dict(cfg), tags=tags)
-    # Small data: every worker reads it whole and keeps its rows by rank, so the training order
-    # is the seed's, not the streaming split's (pipelines/train/data.py).
+    # Small data: every worker reads it whole, straight from storage, and keeps its rows by
+    # rank, so the training order is the seed's, not the streaming split's; larger data streams
+    # through Ray Data, split across the workers (pipelines/train/data.py).
     whole = fits_every_worker(data_dir)
+    columns = (*spec.columns, *spec.order)
     config = {"cfg": to_dict(cfg), "job": job, "run_id": run_id, "tracking_uri": tracking.tracking_uri(root),
               "out_dir": out_dir, "fail_marker_dir": storage.join(root, "ray_results", name, "fault_injection"),
-              "inputs": dict(extra or {}), "whole_dataset": whole}
+              "inputs": dict(extra or {}), "whole_dataset": {"data_dir": data_dir, "columns": columns} if whole else None}
     result = launch(train_fn, name=name, storage_path=storage.join(root, "ray_results"),
                     num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker,
                     max_failures=t.max_failures, config=config,
-                    datasets={"train": parquet_dataset(data_dir, (*spec.columns, *spec.order))},
-                    split_datasets=not whole)
+                    datasets=None if whole else {"train": parquet_dataset(data_dir, columns)})
     tracking.end_run(run_id, tracking=tracking.tracking_uri(root))
     summary = storage.read_json(storage.join(out_dir, "result.json"))
     metrics = dict(result.metrics or {})

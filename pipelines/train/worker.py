@@ -11,7 +11,7 @@ from lafma.config import from_dict
 from pipelines.config import PipelineConfig
 from pipelines.core import console, storage
 from pipelines.core.tracking import RunLogger, system_metrics
-from pipelines.train.data import RankRows
+from pipelines.train.data import ParquetRows, RankRows
 from pipelines.train.engines import use_bf16
 from pipelines.train.jobs import JOBS
 from pipelines.train.loop import JobInputs, run_loop
@@ -39,9 +39,12 @@ def train_fn(config: dict) -> None:
     # Per-rank streams for init, crops, noise, t and dropout; checkpoints restore them per rank.
     torch.manual_seed(t.seed + rank)
     logger = RunLogger(config["run_id"], rank, tracking=config["tracking_uri"])
-    shard = ray.train.get_dataset_shard("train")
-    if config.get("whole_dataset"):
-        shard = RankRows(shard, rank, ray.train.get_context().get_world_size(), spec.order)
+    whole = config.get("whole_dataset")
+    if whole:  # small data: read whole from storage, this rank's rows kept (pipelines/train/data.py)
+        shard = RankRows(ParquetRows(whole["data_dir"], whole["columns"]), rank,
+                         ray.train.get_context().get_world_size(), spec.order)
+    else:
+        shard = ray.train.get_dataset_shard("train")
     job = spec.build(JobInputs(cfg, shard, device, use_bf16(t, device), extra=config["inputs"]))
     with system_metrics(config["run_id"], rank=rank, tracking=config["tracking_uri"]):
         result = run_loop(job, t, rank=rank, logger=logger, fail_marker_dir=config["fail_marker_dir"],

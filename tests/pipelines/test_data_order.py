@@ -39,6 +39,35 @@ def test_each_rank_keeps_its_rows_whatever_order_they_arrive_in(ray_local):
     assert first != take(epochs(RankRows(forward, 0, 2, ("id",)), 4, seed=8), 6)
 
 
+def test_small_data_read_from_storage_gives_each_rank_the_rows_ray_data_would(ray_local, tmp_path):
+    """Data that fits every worker is read whole with pyarrow (ParquetRows), not through Ray
+    Data: the same rows of the split, with the padding column the shards have, so every rank
+    keeps exactly the rows (and epochs) it kept when Ray Data read them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.train.data import ParquetRows, parquet_dataset
+
+    items = [{**r, "split": "train" if i % 4 else "test", "valid_frames": i, "emb": [float(i)] * 3}
+             for i, r in enumerate(rows(22))]
+    (tmp_path / "rejects").mkdir()
+    for n, part in enumerate((items[:9], items[9:])):
+        pq.write_table(pa.Table.from_pylist(part), tmp_path / f"shard-{n:05d}.parquet")
+    pq.write_table(pa.Table.from_pylist([{"id": "bad", "reason": "unreadable"}]), tmp_path / "rejects" / "r.parquet")
+    columns = ("id", "x", "emb", "caption_key")
+    (direct,) = ParquetRows(str(tmp_path), columns).iter_batches()
+    assert sorted(direct) == sorted([*columns, "valid_frames"])
+    assert sorted(direct["id"]) == sorted(r["id"] for r in items if r["split"] == "train")
+    via_ray = parquet_dataset(str(tmp_path), columns).iterator()
+    for rank in (0, 1):
+        mine = RankRows(ParquetRows(str(tmp_path), columns), rank, 2, ("id",)).columns()
+        theirs = RankRows(via_ray, rank, 2, ("id",)).columns()
+        assert mine["id"].tolist() == theirs["id"].tolist()
+        assert [list(e) for e in mine["emb"]] == [list(e) for e in theirs["emb"]]
+        assert take(epochs(RankRows(ParquetRows(str(tmp_path), columns), rank, 2, ("id",)), 4, seed=3), 4) == \
+            take(epochs(RankRows(via_ray, rank, 2, ("id",)), 4, seed=3), 4)
+
+
 def test_a_shard_smaller_than_a_batch_is_a_clear_error(ray_local):
     import ray.data
 
