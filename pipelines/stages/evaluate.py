@@ -136,13 +136,15 @@ def embed(embedder, waves: list[np.ndarray], sample_rate: int) -> Embedded:
     feats, embs, logits = [], [], []
     for start in range(0, len(waves), EMBED_BATCH):
         x = torch.from_numpy(np.stack(waves[start : start + EMBED_BATCH]))  # (B, N)
-        feats.append(embedder.fd_features(x, sample_rate).numpy())
         if embedder.num_classes:
             emb, logit = embedder.embed_and_classify(x, sample_rate)
             logits.append(logit.numpy())
         else:
             emb = embedder.embed(x, sample_rate)
         embs.append(emb.numpy())
+        # A clip-level embedder's FD rows are its clip embeddings (fd_features would run the
+        # network a second time to get the same numbers); a frame-level one's are its frames.
+        feats.append(embs[-1] if embedder.fd_unit == "clip" else embedder.fd_features(x, sample_rate).numpy())
     return Embedded(np.concatenate(feats), np.concatenate(embs), np.concatenate(logits) if logits else None)
 
 
