@@ -105,6 +105,7 @@ class LafmaPipeline(nn.Module):
         self.defaults = dict(solver=solver, steps=steps, guidance=guidance, duration=duration)
         self.peak_normalize, self.rtol, self.atol = peak_normalize, rtol, atol
         self.peak, self.grid, self.null_caption = peak, grid, null_caption
+        self._null_cache = None
         # For audio in (audio-to-audio, inpainting): the mel front end the VAE was trained on, and
         # the flow path's sigma_min. A config, not a submodule: the pipeline's state stays its models'.
         self.mel_config, self.sigma_min = mel, sigma_min
@@ -147,7 +148,15 @@ class LafmaPipeline(nn.Module):
         real tokens, shared, (1, L0, D) — or with ``null_caption="released"`` the released
         sampler's "" padded to each caption's own length and attended unmasked, (B, L, D)."""
         if self.null_caption != "released":
-            return self.text_encoder([""])
+            # The empty caption's embedding is the same for every call: encoding it again cost
+            # each generate() call a text-encoder pass (benchmarks/results/generate_cpu2.md).
+            # Keyed by where the encoder's weights live, so a pipeline moved to a GPU re-encodes.
+            param = next(self.text_encoder.parameters(), None)
+            key = (None, None) if param is None else (param.device, param.dtype)
+            if self._null_cache is None or self._null_cache[0] != key:
+                with torch.no_grad():
+                    self._null_cache = (key, self.text_encoder([""]))
+            return self._null_cache[1]
         lengths = mask.sum(dim=1).tolist()
         by_length = {n: self.text_encoder.padded_empty(n) for n in set(lengths)}
         emb = torch.zeros(len(lengths), mask.shape[1], by_length[lengths[0]][0].shape[-1], device=mask.device)

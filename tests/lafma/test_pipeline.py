@@ -107,3 +107,22 @@ def test_vocoding_real_mels_is_seeded_per_item():
     torch.manual_seed(2)  # another global RNG state: the same audio
     torch.testing.assert_close(gl.vocode(mel, [10, 11]), first)
     assert (gl.vocode(mel, [12, 11])[0] - first[0]).abs().max() > 1e-3  # the seed is what decides
+
+
+def test_the_empty_caption_is_encoded_once_and_again_after_a_move(pipe):
+    """generate() reuses the empty caption's embedding instead of running the encoder on it per call."""
+    seen = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda _m, args: seen.append(list(args[0])))
+    try:
+        pipe._null_cache = None
+        first = pipe.generate(["a dog barks"], seeds=[1], duration=0.32, steps=2, guidance=2.0)
+        again = pipe.generate(["a dog barks"], seeds=[1], duration=0.32, steps=2, guidance=2.0)
+        assert seen.count([""]) == 1 and seen.count(["a dog barks"]) == 2
+        torch.testing.assert_close(first.audio, again.audio)
+        pipe.to(torch.float64)  # weights somewhere else: the cached embedding is stale
+        pipe.null_condition(torch.ones(1, 3, dtype=torch.bool))
+        assert seen.count([""]) == 2
+    finally:
+        hook.remove()
+        pipe.to(torch.float32)
+        pipe._null_cache = None
