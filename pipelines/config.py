@@ -212,7 +212,12 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    decay: Literal["constant", "linear", "cosine"] = "constant"
+    # After the warm-up: constant, linear or cosine to 0 at the last step, or exponential (the
+    # lr times decay_gamma every decay_every steps, as torch's ExponentialLR; stepped once per
+    # epoch, decay_every is that epoch's length). Warm-up and decay count optimiser steps.
+    decay: Literal["constant", "linear", "cosine", "exponential"] = "constant"
+    decay_gamma: float = 1.0
+    decay_every: int = 1
     grad_clip: float = 1.0
     grad_accum: int = 1
     zero_stage: int = 2
@@ -250,6 +255,10 @@ class TrainConfig:
         require(self.lr > 0, f"{prefix}.lr", "must be positive")
         require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas", "must be in [0, 1)")
         require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", "must be >= 0")
+        require(0 < self.decay_gamma <= 1, f"{prefix}.decay_gamma", "must be in (0, 1] (the lr factor per decay_every steps)")
+        require(self.decay != "exponential" or self.decay_gamma < 1, f"{prefix}.decay_gamma",
+                "must be below 1 for decay: exponential (1 never decays: use decay: constant)")
+        require(self.decay_every >= 1, f"{prefix}.decay_every", "must be >= 1 (optimiser steps per factor of decay_gamma)")
         require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
         # ZeRO-3 partitions the weights themselves; the jobs read whole weights (EMA, export,

@@ -35,7 +35,8 @@ def _optimizer_and_schedule(model: torch.nn.Module, train: TrainConfig, lr: floa
     opt_cls = torch.optim.AdamW if train.weight_decay > 0 else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=lr, betas=train.betas, weight_decay=train.weight_decay)
     # Stepped once per optimiser step, i.e. every grad_accum micro-batches.
-    schedule = warmup_decay(train.warmup_steps, max(1, train.steps // train.grad_accum), train.decay)
+    schedule = warmup_decay(train.warmup_steps, max(1, train.steps // train.grad_accum), train.decay,
+                            gamma=train.decay_gamma, every=train.decay_every)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 

@@ -122,6 +122,20 @@ def test_settings_that_would_fail_hours_later_fail_at_load(override, key):
     assert e.value.key == key
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["train_lfm.decay=exponential"], "train_lfm.decay_gamma"),  # gamma 1: it would never decay
+    (["train_lfm.decay=exponential", "train_lfm.decay_gamma=1.5"], "train_lfm.decay_gamma"),
+    (["train_vae.decay_gamma=0"], "train_vae.decay_gamma"),
+    (["train_vocoder.decay=exponential", "train_vocoder.decay_gamma=0.999", "train_vocoder.decay_every=0"],
+     "train_vocoder.decay_every"),
+    (["train_lfm.decay=step"], "train_lfm.decay"),
+])
+def test_an_exponential_decay_that_cannot_decay_names_its_key(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_pipeline_config(None, overrides)
+    assert e.value.key == key
+
+
 PROFILES = sorted((Path(__file__).parents[2] / "configs" / "cluster").glob("*.yaml"))
 
 

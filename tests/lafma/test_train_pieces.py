@@ -43,6 +43,42 @@ def test_warmup_then_cosine_and_linear_decay():
     assert math.isclose(lrs[4], 1.0)
 
 
+
+def test_warmup_then_exponential_decay_is_exponentiallr_every_n_steps():
+    """Warm-up first; then lr * gamma**k after k * every steps, held in between (ExponentialLR
+    stepped once per `every` steps), and no floor at total_steps."""
+    lr, warmup, gamma, every = 1e-4, 4, 0.5, 3
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(warmup, 10, "exponential", gamma=gamma, every=every))
+    lrs = []
+    for _ in range(warmup + 5 * every):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:warmup] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr])
+    for k in range(5):
+        block = lrs[warmup + k * every: warmup + (k + 1) * every]
+        assert block == pytest.approx([lr * gamma ** k] * every), k
+    # torch's own ExponentialLR, stepped at the same steps, gives the same rates.
+    ref = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    exp = torch.optim.lr_scheduler.ExponentialLR(ref, gamma=gamma)
+    for step in range(warmup, warmup + 5 * every):
+        assert lrs[step] == pytest.approx(ref.param_groups[0]["lr"])
+        ref.step()
+        if (step - warmup + 1) % every == 0:
+            exp.step()
+    f = warmup_decay(0, 10, "exponential", gamma=0.999)
+    assert f(0) == 1.0 and f(1000) == pytest.approx(0.999 ** 1000)
+
+
+@pytest.mark.parametrize("kwargs", [dict(decay="exponential"), dict(decay="exponential", gamma=1.0),
+                                    dict(decay="exponential", gamma=0.0), dict(decay="exponential", gamma=0.9, every=0),
+                                    dict(decay="step")])
+def test_a_schedule_that_cannot_decay_as_asked_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        warmup_decay(10, 100, **kwargs)
+
+
 def test_lfm_loss_drops_to_the_empty_caption():
     seen = []
 
