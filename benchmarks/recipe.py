@@ -195,7 +195,8 @@ def vae(cfg, root: Path, steps: int, batch: int, bf16: bool, fd: bool = False, s
     model, loss = build_vae(cfg), VAELoss.from_config(cfg.vae_loss)
     t = cfg.train_vae
     opt = torch.optim.Adam([*model.parameters(), *loss.parameters()], lr=t.lr, betas=t.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, steps, t.decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_decay(t.warmup_steps, steps, t.decay, gamma=t.decay_gamma, every=t.decay_every))
     g = torch.Generator().manual_seed(t.seed)
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -296,7 +297,8 @@ def lfm(cfg, root: Path, steps: int, batch: int, bf16: bool, vae_weights: str = 
         steps = 0
     ema = EMA(unet, t.ema_decay)
     opt = torch.optim.Adam(unet.parameters(), lr=t.lr, betas=t.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_decay(t.warmup_steps, steps, t.decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_decay(t.warmup_steps, steps, t.decay, gamma=t.decay_gamma, every=t.decay_every))
     path, f = OTPath(cfg.flow.sigma_min), cfg.flow
     g = torch.Generator().manual_seed(t.seed)
 
