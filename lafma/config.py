@@ -232,6 +232,10 @@ class UNetConfig:
     extra_attention: bool = False
     # The caption's mean token embedding added to the time embedding (lafma.unet.UNet).
     pooled_context: bool = False
+    # The clip's duration (seconds) embedded and added to the time embedding (lafma.unet.UNet):
+    # trained with train_lfm.variable_duration, the model generates any duration up to
+    # audio.clip_seconds and refuses longer ones. Off: the paper's layout, any duration as before.
+    duration_embedding: bool = False
 
     def validate(self, prefix: str = "unet") -> None:
         require(self.model_channels > 0 and self.model_channels % 32 == 0, f"{prefix}.model_channels",
@@ -418,10 +422,25 @@ class LafmaConfig:
                  f"must equal vae.z_channels ({self.vae.z_channels})")
         require(self.mel.n_mels % (self.vae.downsample * self.unet.downsample) == 0, "mel.n_mels",
                  "must be divisible by the VAE and UNet downsampling together")
+        require(self.max_duration is None or self.sampler.duration <= self.max_duration, "sampler.duration",
+                f"must not exceed audio.clip_seconds ({self.audio.clip_seconds:g}) with unet.duration_embedding: "
+                "the model has learned no longer clip")
         multiple = self.vae.downsample * self.unet.downsample
         require(self.mel_shape()[0] % multiple == 0, "audio.clip_seconds",
                  f"gives {self.mel_shape()[0]} mel frames; the VAE and UNet need a multiple of {multiple} "
                  f"(e.g. {multiple * self.mel.hop_length / self.mel.sample_rate:g} s steps)")
+
+    @property
+    def latent_seconds(self) -> float:
+        """Seconds of audio one latent frame holds (r mel frames of ``hop_length`` samples)."""
+        return self.vae.downsample * self.mel.hop_length / self.mel.sample_rate
+
+    @property
+    def max_duration(self) -> float | None:
+        """The longest clip the model generates: ``audio.clip_seconds`` for a UNet conditioned
+        on duration (it was trained on crops up to that length and knows no longer duration);
+        None for one without the embedding, which generates any length, as it always has."""
+        return self.audio.clip_seconds if self.unet.duration_embedding else None
 
     @property
     def context_dim(self) -> int:

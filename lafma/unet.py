@@ -33,6 +33,12 @@ def zero_module(m: nn.Module) -> nn.Module:
     return m
 
 
+# The duration embedding sees seconds × this (hundredths of a second): its fastest sinusoid then
+# tells apart durations a latent frame apart (40 ms in the paper's layout), and its slowest stays
+# monotonic far past any clip length (MAX_DURATION_SECONDS).
+DURATION_SCALE = 100.0
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-5)
 
@@ -208,6 +214,13 @@ class UNet(nn.Module):
             gist through a few attention layers; a small model trained briefly learns what a
             sound is (kind, register, pace) much faster from the pooled vector, which reaches
             every block. Off in the paper's UNet (the released weights have no such layer).
+        duration_embedding: also condition every res block on the clip's duration in seconds
+            (:meth:`forward`'s ``duration``): its sinusoidal embedding, projected and added to the
+            time embedding, as Stable Audio conditions on ``seconds_total`` and TangoFlux on a
+            duration token. A model trained on crops of every length up to its clip length
+            (``train_lfm.variable_duration``) then knows how long the clip it is making lasts,
+            which a convolution cannot see from the latent's shape. Off in the paper's UNet;
+            off, the layers, the initial weights and the outputs are exactly those without it.
     """
 
     def __init__(self, *, in_channels: int = 8, out_channels: int = 8, model_channels: int = 128,
@@ -215,7 +228,7 @@ class UNet(nn.Module):
                  attention_resolutions: tuple[int, ...] = (8, 4, 2), num_head_channels: int = 32,
                  num_heads: int = 0, transformer_depth: int = 1, context_dim: int = 1024,
                  use_scale_shift_norm: bool = False, dropout: float = 0.0, extra_attention: bool = False, time_scale: float = 999.0,
-                 pooled_context: bool = False):
+                 pooled_context: bool = False, duration_embedding: bool = False):
         super().__init__()
         self.model_channels = model_channels
         self.time_scale = time_scale
@@ -261,6 +274,10 @@ class UNet(nn.Module):
                     ds //= 2
                 self.output_blocks.append(Stage(layers))
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+        # Built last, so every other layer draws the initial weights it draws without it.
+        self.takes_duration = duration_embedding
+        if duration_embedding:
+            self.duration_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
     @classmethod
     def from_config(cls, cfg: UNetConfig, context_dim: int, time_scale: float) -> UNet:
@@ -270,25 +287,35 @@ class UNet(nn.Module):
                    num_heads=cfg.num_heads,
                    transformer_depth=cfg.transformer_depth, context_dim=cfg.context_dim or context_dim,
                    use_scale_shift_norm=cfg.use_scale_shift_norm, dropout=cfg.dropout,
-                   extra_attention=cfg.extra_attention, time_scale=time_scale, pooled_context=cfg.pooled_context)
+                   extra_attention=cfg.extra_attention, time_scale=time_scale, pooled_context=cfg.pooled_context,
+                   duration_embedding=cfg.duration_embedding)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None) -> Tensor:
-        """Velocity at (x, t) given the caption.
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None,
+                duration: Tensor | None = None) -> Tensor:
+        """Velocity at (x, t) given the caption (and, with ``duration_embedding``, the duration).
 
         Args:
             x: latents (B, C, T', F') with T' and F' divisible by the downsample factor.
             t: times in [0, 1], (B,).
             context: text token embeddings (B, L, D).
             context_mask: (B, L) bool, True on real tokens; None attends to every token.
+            duration: seconds of audio each latent holds, (B,); required with
+                ``duration_embedding``, refused without it.
 
         Returns:
             Velocity (B, C, T', F').
         """
         if x.shape[-2] % self.downsample_factor or x.shape[-1] % self.downsample_factor:
             raise ValueError(f"latent {tuple(x.shape[-2:])} is not divisible by {self.downsample_factor}")
+        if (duration is None) == self.takes_duration:
+            raise ValueError("this UNet is conditioned on duration: pass duration=(B,) seconds" if self.takes_duration
+                             else "this UNet has no duration embedding: it takes no duration")
         emb = self.time_embed(timestep_embedding(t * self.time_scale, self.model_channels).to(x.dtype))
         if hasattr(self, "context_embed"):
             emb = emb + self.context_embed(pooled(context, context_mask).to(emb.dtype))
+        if duration is not None:
+            seconds = duration.to(x.device).expand(x.shape[0]) * DURATION_SCALE  # (B,); one value is shared
+            emb = emb + self.duration_embed(timestep_embedding(seconds, self.model_channels).to(emb.dtype))
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context, context_mask)

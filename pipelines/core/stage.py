@@ -97,7 +97,8 @@ class Stage:
 # (a VAE trained for hours keeps its directory); set to anything else, they are hashed.
 ADDED_AT_DEFAULT: dict[str, Any] = {"init_from": "", "pretrained": "", "mid_attention": True,
                                     "upsample_padding": "exact", "num_heads": 0, "grid": "uniform",
-                                    "null_caption": "masked", "peak": 0.95}
+                                    "null_caption": "masked", "peak": 0.95, "duration_embedding": False,
+                                    "variable_duration": False}
 
 
 def _stable(value: Any) -> Any:

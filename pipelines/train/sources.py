@@ -33,7 +33,8 @@ ARCHITECTURE = {
     # The LFM also brings the objective and the latent scale it was trained with.
     "unet": {"unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                       "attention_resolutions", "num_head_channels", "num_heads", "transformer_depth",
-                      "context_dim", "use_scale_shift_norm", "extra_attention", "pooled_context"),
+                      "context_dim", "use_scale_shift_norm", "extra_attention", "pooled_context",
+                      "duration_embedding"),
              "flow": ("sigma_min", "time_scale"), "vae": ("scale_factor",)},
 }
 BUILD = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}

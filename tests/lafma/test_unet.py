@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 import torch
 
@@ -78,6 +80,59 @@ def test_pooled_context_reaches_every_block_without_cross_attention():
             assert ((unet(x, t, other, mask) - ref).abs().max() > 1e-3) == depends
             torch.testing.assert_close(unet(x, t, padded, padded_mask), ref, atol=1e-5, rtol=1e-5)
     assert not any("context_embed" in k for k in tiny_unet().state_dict())  # the paper's layout is unchanged
+
+
+def test_without_the_duration_embedding_the_unet_is_the_one_before_it():
+    """Its layers, initial weights and outputs, recorded before the embedding existed: bundles
+    and published weights load and generate as they did."""
+    torch.manual_seed(0)
+    unet = tiny_unet().eval()
+    keys = list(unet.state_dict())
+    assert len(keys) == 286 and count(unet) == 1_043_272
+    assert hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == "02810fe4fcbe8c7a"
+    with torch.no_grad():
+        assert abs(sum(float(p.double().sum()) for p in unet.parameters()) - 2478.9215487773968) < 1e-6
+    unet = randomise(tiny_unet()).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(2, 8, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 3, 12, generator=g)
+    with torch.no_grad():
+        out = unet(x, t, ctx, torch.ones(2, 3, dtype=torch.bool)).double()
+    recorded = (-46.17252739147807, 98.21201976457087, 13.914728751796197)  # sum, |sum|, sum of squares
+    torch.testing.assert_close((out.sum().item(), out.abs().sum().item(), out.pow(2).sum().item()), recorded,
+                               rtol=1e-5, atol=1e-5)
+    assert not unet.takes_duration
+    with pytest.raises(ValueError, match="no duration embedding"):
+        unet(x, t, ctx, duration=torch.ones(2))
+
+
+def test_the_duration_embedding_conditions_every_block_and_adds_only_its_own_layers():
+    torch.manual_seed(0)
+    plain = tiny_unet().eval()
+    torch.manual_seed(0)
+    timed = tiny_unet(duration_embedding=True).eval()
+    own = {k: v for k, v in timed.state_dict().items() if not k.startswith("duration_embed.")}
+    # Built last: every other layer has the weights it has without the embedding.
+    assert list(own) == list(plain.state_dict()) and len(own) < len(timed.state_dict())
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in own.items())
+    randomise(timed)
+    g = torch.Generator().manual_seed(1)
+    x, t, ctx = torch.randn(2, 8, 8, 8, generator=g), torch.rand(2, generator=g), torch.randn(2, 3, 12, generator=g)
+    with torch.no_grad():
+        short, long = timed(x, t, ctx, duration=torch.full((2,), 2.5)), timed(x, t, ctx, duration=torch.full((2,), 10.0))
+        assert (short - long).abs().max() > 1e-3
+        # Per item: each one's duration shapes its own output only.
+        mixed = timed(x, t, ctx, duration=torch.tensor([2.5, 10.0]))
+        torch.testing.assert_close(mixed[0], short[0])
+        torch.testing.assert_close(mixed[1], long[1])
+        # One value for the batch is everyone's.
+        torch.testing.assert_close(timed(x, t, ctx, duration=torch.tensor(2.5)), short)
+        # It enters through the time embedding alone: silenced, the UNet is the plain one.
+        plain.load_state_dict(own)
+        timed.duration_embed[-1].weight.zero_()
+        timed.duration_embed[-1].bias.zero_()
+        torch.testing.assert_close(timed(x, t, ctx, duration=torch.full((2,), 2.5)), plain(x, t, ctx))
+    with pytest.raises(ValueError, match="pass duration"):
+        timed(x, t, ctx)
 
 
 def test_time_scale_is_applied():
