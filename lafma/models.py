@@ -52,5 +52,5 @@ def build_pipeline(cfg: LafmaConfig, *, text_encoder: TextEncoder | None = None,
         latent_channels=cfg.vae.z_channels, vae_downsample=cfg.vae.downsample, scale_factor=cfg.vae.scale_factor,
         unet_downsample=cfg.unet.downsample, solver=s.solver, steps=s.steps, guidance=s.guidance,
         duration=s.duration, peak_normalize=s.peak_normalize, rtol=s.rtol, atol=s.atol, peak=s.peak, grid=s.grid,
-        null_caption=s.null_caption, mel=cfg.mel, sigma_min=cfg.flow.sigma_min,
+        null_caption=s.null_caption, mel=cfg.mel, sigma_min=cfg.flow.sigma_min, max_duration=cfg.max_duration,
     )

@@ -17,7 +17,7 @@ from lafma.flow import ClassifierFreeGuidance, Solution, solve
 def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tensor, context_mask: Tensor, *,
                    guidance: float, null_condition: tuple[Tensor, Tensor] | None = None, solver: str = "euler",
                    steps: int = 10, rtol: float = 1e-4, atol: float = 1e-4, grid: str = "uniform", t0: float = 0.0,
-                   project: Callable[[Tensor, float], Tensor] | None = None) -> Solution:
+                   project: Callable[[Tensor, float], Tensor] | None = None, duration: Tensor | None = None) -> Solution:
     """Noise → latent: integrate dx/dt = u(x, t, c) from t = 0 (noise) to t = 1 (data), guided.
 
     What inference and the LFM job's training-time samples share, so that a sample logged
@@ -33,6 +33,8 @@ def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tens
             item (B, L0, D), (B, L0); needed unless ``guidance`` is 1.
         solver, steps, rtol, atol, grid, project: see :func:`lafma.flow.solve`.
         t0: where ``noise`` lies on the path (0: pure noise; more: audio-to-audio).
+        duration: (B,) seconds each latent holds, for a velocity model conditioned on duration
+            (:class:`lafma.unet.UNet` with ``duration_embedding``); None for one without.
 
     Returns:
         The :class:`~lafma.flow.Solution`: ``x`` (B, C, T', F') scaled latents and ``nfe``.
@@ -42,8 +44,9 @@ def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tens
             raise ValueError(f"guidance {guidance} needs the empty caption's embedding (null_condition)")
         null_context, null_mask = (t.to(noise.device) for t in null_condition)
         velocity = ClassifierFreeGuidance(velocity, guidance, null_context, null_mask)
+    extra = {} if duration is None else {"duration": duration.to(noise.device)}
     return solve(velocity, noise, method=solver, steps=steps, rtol=rtol, atol=atol, grid=grid, t0=t0,
-                 project=project, context=context, context_mask=context_mask)
+                 project=project, context=context, context_mask=context_mask, **extra)
 
 
 @dataclass
@@ -89,6 +92,11 @@ class LafmaPipeline(nn.Module):
             (``lafma.config.SamplerConfig``; "released" reproduces the released sampler).
         mel, sigma_min: the mel config the VAE was trained on and the flow path's
             ``sigma_min``; needed only to start from audio (:meth:`generate`'s ``audio``).
+        max_duration: the longest clip :meth:`generate` makes, in seconds; None: up to
+            :data:`~lafma.config.MAX_DURATION_SECONDS`. A UNet conditioned on duration (its
+            ``takes_duration``) is given each call's duration and knows no longer clip than it
+            was trained on: its pipeline sets this to that length
+            (:attr:`lafma.config.LafmaConfig.max_duration`).
     """
 
     def __init__(self, *, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, vocoder: nn.Module,
@@ -96,7 +104,8 @@ class LafmaPipeline(nn.Module):
                  scale_factor: float = 1.0, unet_downsample: int = 8, solver: str = "euler", steps: int = 10,
                  guidance: float = 3.0, duration: float = 10.24, peak_normalize: bool = True,
                  rtol: float = 1e-4, atol: float = 1e-4, peak: float = 0.95, grid: str = "uniform",
-                 null_caption: str = "masked", mel: MelConfig | None = None, sigma_min: float = 0.0):
+                 null_caption: str = "masked", mel: MelConfig | None = None, sigma_min: float = 0.0,
+                 max_duration: float | None = None):
         super().__init__()
         self.text_encoder, self.unet, self.vae, self.vocoder = text_encoder, unet, vae, vocoder
         self.sample_rate, self.hop_length, self.n_mels = sample_rate, hop_length, n_mels
@@ -109,6 +118,7 @@ class LafmaPipeline(nn.Module):
         # For audio in (audio-to-audio, inpainting): the mel front end the VAE was trained on, and
         # the flow path's sigma_min. A config, not a submodule: the pipeline's state stays its models'.
         self.mel_config, self.sigma_min = mel, sigma_min
+        self.max_duration = max_duration
 
     @property
     def device(self) -> torch.device:
@@ -213,6 +223,10 @@ class LafmaPipeline(nn.Module):
 
         Returns:
             :class:`Generation` with (B, round(duration · sample_rate)) audio.
+
+        Raises:
+            ValueError: arguments that cannot be generated, among them a duration past
+                :attr:`max_duration`.
         """
         captions = list(captions)
         if not captions:
@@ -237,12 +251,16 @@ class LafmaPipeline(nn.Module):
         duration = duration or self.defaults["duration"]
         if not 0 < duration <= MAX_DURATION_SECONDS:
             raise ValueError(f"duration must be in (0, {MAX_DURATION_SECONDS:g}] seconds, got {duration}")
+        if self.max_duration is not None and duration > self.max_duration:
+            raise ValueError(f"duration {duration:g} s is longer than this model's trained maximum, "
+                             f"{self.max_duration:g} s: it is conditioned on duration and learned no longer clip")
 
         context, mask = self.text_encoder(captions)
         context, mask = context.to(self.device), mask.to(self.device)
         null = self.null_condition(mask) if guidance != 1.0 else None
         shape = self.latent_shape(duration)
         x0 = self.noise(seeds, shape)  # (B, C, T', F')
+        seconds = torch.full((len(captions),), float(duration)) if getattr(self.unet, "takes_duration", False) else None
         t0, project, grid = 0.0, None, self.grid if solver == "euler" else "uniform"
         if audio is not None:
             given = self.encode_audio(audio, shape)
@@ -267,7 +285,7 @@ class LafmaPipeline(nn.Module):
         else:
             sol = sample_latents(self.unet, x_start, context, mask, guidance=guidance, null_condition=null,
                                  solver=solver, steps=steps, rtol=self.rtol, atol=self.atol, grid=grid, t0=t0,
-                                 project=project)
+                                 project=project, duration=seconds)
         mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
         audio = self.vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:

@@ -261,13 +261,17 @@ def shards_of(rows: list[GenerationRow], batch_size: int) -> list[list[dict]]:
 
 
 def model_defaults(model: str, root: str) -> dict:
-    """The model's own sampler defaults (steps, guidance, solver, duration), from its bundle's
+    """The model's own sampler defaults (steps, guidance, solver, duration) and the longest clip
+    it makes (``max_duration``: None but for a model conditioned on duration), from its bundle's
     manifest: read in place from a bundle directory; for a registry URI, only that one file
     is downloaded. Nothing is built."""
     from pipelines.core.registry import bundle_manifest
 
-    sampler = bundle_manifest(model, root=root)["config"]["sampler"]
-    return {k: sampler[k] for k in ("steps", "guidance", "solver", "duration")}
+    config = bundle_manifest(model, root=root)["config"]
+    sampler = config["sampler"]
+    # A bundle written before unet.duration_embedding existed has no such key: not conditioned.
+    longest = config["audio"]["clip_seconds"] if config["unet"].get("duration_embedding") else None
+    return {**{k: sampler[k] for k in ("steps", "guidance", "solver", "duration")}, "max_duration": longest}
 
 
 def _hash(obj: Any) -> str:
@@ -377,7 +381,8 @@ def run_generation(captions: str, out: str, s: GenerationSettings, *, root: str,
     d = defaults or model_defaults(model.uri, root)
     job = {"steps": int(s.steps or d["steps"]), "guidance": float(d["guidance"] if s.guidance is None else s.guidance),
            "solver": s.solver or d["solver"], "duration": float(s.duration or d["duration"])}
-    rows, rejects = plan_generation(records, job_seed=s.seed, candidates=s.candidates, **job)
+    rows, rejects = plan_generation(records, job_seed=s.seed, candidates=s.candidates,
+                                    max_duration=d.get("max_duration"), **job)
     rows, refused = _locate_clips(rows, captions)
     rejects = [{"id": r["id"], "audio_uri": r.get("audio_uri", ""), "reason": r["reason"], "detail": r["detail"]}
                for r in [*unparsed, *rejects, *refused]]

@@ -138,14 +138,20 @@ def generate_rows(pipe, rows: Sequence[GenerationRow], clips: Mapping[str, Clip]
 
     Returns:
         ``(results, rejected)``: results in the order of ``rows`` that could be generated;
-        ``rejected`` holds a :class:`RowRejected` (with ``row_id``) for each that could not.
+        ``rejected`` holds a :class:`RowRejected` (with ``row_id``) for each that could not;
+        ``bad_duration`` for a row longer than a model conditioned on duration learned (a row
+        without a duration of its own lasts as long as its clip, known only here).
     """
     sr = pipe.sample_rate
     groups: dict[tuple, list[GenerationRow]] = {}
     rejected: list[RowRejected] = []
+    longest = getattr(pipe, "max_duration", None)  # set for a model conditioned on duration
     for row in rows:
         try:
             row = with_clip_duration(row, clips.get(row.id), sr)
+            if longest is not None and row.duration > longest:  # a clip's length is known only now
+                raise RowRejected("bad_duration", f"{row.duration:g} s is longer than the model's trained maximum, "
+                                                  f"{longest:g} s")
         except RowRejected as e:
             rejected.append(RowRejected(e.reason, e.detail, row.id))
             continue

@@ -153,7 +153,7 @@ def _plan(pipe, frame: pd.DataFrame, clip_limits: ClipLimits):
             except MlflowException as e:
                 raise ValueError(e.message) from None
     rows, rejects = plan_generation(records, job_seed=0, steps=d["steps"], guidance=d["guidance"],
-                                    solver=d["solver"], duration=d["duration"])
+                                    solver=d["solver"], duration=d["duration"], max_duration=pipe.max_duration)
     if rejects:
         raise ValueError(f"{len(rejects)} of {len(records)} rows cannot be generated: " + "; ".join(
             f"{r['id']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "") for r in rejects))

@@ -214,8 +214,8 @@ def _clip_fields(rec: dict[str, Any], *, solver: str, duration: float | None) ->
 
 
 def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int, guidance: float, solver: str,
-                    duration: float, candidates: int = 1,
-                    max_caption_chars: int = 512) -> tuple[list[GenerationRow], list[dict[str, str]]]:
+                    duration: float, candidates: int = 1, max_caption_chars: int = 512,
+                    max_duration: float | None = None) -> tuple[list[GenerationRow], list[dict[str, str]]]:
     """Validate caption records and fill in each row's settings.
 
     Args:
@@ -224,6 +224,9 @@ def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int,
         steps, guidance, solver, duration, candidates: the job's settings; a row's own columns
             override them. A row with an input clip and no ``duration`` lasts as long as its
             clip, whatever the job's ``duration``.
+        max_duration: the model's longest clip (:attr:`lafma.config.LafmaConfig.max_duration`,
+            set for a model conditioned on duration); a row asking for more is a
+            ``bad_duration`` reject. None: up to :data:`MAX_DURATION_SECONDS`.
 
     Returns:
         ``(rows, rejects)``; a reject is ``{"id", "reason", "detail"}``.
@@ -259,6 +262,8 @@ def plan_generation(records: list[dict[str, Any]], *, job_seed: int, steps: int,
         row_duration = own_duration if own_duration is not None or has_clip else duration
         if row_duration is not None and not 0 < row_duration <= MAX_DURATION_SECONDS:
             reject("bad_duration", f"{row_duration} s is outside (0, {MAX_DURATION_SECONDS:g}]")
+        elif row_duration is not None and max_duration is not None and row_duration > max_duration:
+            reject("bad_duration", f"{row_duration} s is longer than the model's trained maximum, {max_duration:g} s")
         elif not 1 <= row_steps <= MAX_STEPS:
             reject("bad_steps", f"{row_steps} is outside [1, {MAX_STEPS}]")
         elif row_guidance < 0:

@@ -22,6 +22,10 @@ class ClassifierFreeGuidance:
         null_context: (L0, D) or (1, L0, D) empty-caption embedding, or (B, L0, D) one per item
             (the released sampler pads the empty caption to each caption's length);
             null_mask: (L0,), (1, L0) or (B, L0) to match.
+
+    Conditioning other than the caption (e.g. ``duration`` (B,) for a UNet conditioned on it)
+    passes through as keyword tensors with the batch first, the same in both halves: guidance
+    contrasts the caption with the empty one, nothing else.
     """
 
     evals_per_call = 2
@@ -34,13 +38,14 @@ class ClassifierFreeGuidance:
         self.null_context = null_context
         self.null_mask = null_mask.bool()
 
-    def __call__(self, x: Tensor, t: Tensor, *, context: Tensor, context_mask: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, *, context: Tensor, context_mask: Tensor, **extra: Tensor) -> Tensor:
         b = x.shape[0]
         length = max(context.shape[1], self.null_context.shape[1])
         cond, cond_mask = pad_tokens(context, context_mask.bool(), length)
         null, null_mask = pad_tokens(self.null_context.to(context), self.null_mask.to(context.device), length)
         ctx = torch.cat([cond, null.expand(b, -1, -1)])  # (2B, L, D); a (1, L, D) null is shared
         msk = torch.cat([cond_mask, null_mask.expand(b, -1)])  # (2B, L)
-        v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), context=ctx, context_mask=msk)
+        extra = {k: torch.cat([e, e]) for k, e in extra.items()}  # (B, ...) -> (2B, ...)
+        v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), context=ctx, context_mask=msk, **extra)
         v_cond, v_uncond = v.chunk(2)
         return self.scale * v_cond + (1.0 - self.scale) * v_uncond

@@ -43,6 +43,58 @@ def test_a_bundle_generates_what_its_components_generate(tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def duration_bundle(tmp: Path, overrides=()) -> str:
+    """A bundle of configs/test.yaml's generator (with ``overrides``), its UNet's weights stirred
+    so that its velocity (zero at init) follows the caption and the duration."""
+    components, weights, modules = export(tmp, overrides)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in modules["unet"].parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    cfg = load_pipeline_config(CONFIG, list(overrides))
+    save_file({k: v.contiguous() for k, v in modules["unet"].state_dict().items()}, weights["unet"],
+              metadata={"mel_hash": cfg.mel.config_hash(), "component": "unet"})
+    write_bundle(str(tmp / "bundle"), components=components, weights=weights)
+    return str(tmp / "bundle")
+
+
+def test_a_bundle_with_the_duration_embedding_generates_any_duration_up_to_its_clip_length(tmp_path):
+    bundle = duration_bundle(tmp_path, ["unet.duration_embedding=true"])
+    assert json.loads((Path(bundle) / "lafma.json").read_text())["config"]["unet"]["duration_embedding"] is True
+    pipe = load_bundle(bundle)
+    longest = load_pipeline_config(CONFIG).audio.clip_seconds  # 1.28 s: latents of 32 frames
+    assert pipe.unet.takes_duration and pipe.max_duration == longest
+    told: list[torch.Tensor] = []
+    pipe.unet.register_forward_pre_hook(lambda m, args, kw: told.append(kw["duration"]), with_kwargs=True)
+    for share, frames in ((0.25, 8), (1.0, 32)):
+        told.clear()
+        seconds = share * longest
+        out = pipe.generate(["a bell rings"], seeds=[3], steps=2, guidance=3.0, duration=seconds)
+        assert out.audio.shape == (1, round(seconds * pipe.sample_rate)) and torch.isfinite(out.audio).all()
+        assert out.latents.shape[2] == frames == pipe.latent_shape(seconds)[1]
+        # Every UNet call, both halves of guidance, is told the duration asked for.
+        assert len(told) == 2 and all(torch.equal(d, torch.full((2,), seconds)) for d in told)
+    # The duration shapes the clip: two durations on the same latent grid give two clips.
+    a = pipe.generate(["a bell rings"], seeds=[3], steps=2, duration=0.30).latents
+    b = pipe.generate(["a bell rings"], seeds=[3], steps=2, duration=0.32).latents
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match=r"1.5 s is longer than this model's trained maximum, 1.28 s"):
+        pipe.generate(["a bell rings"], seeds=[3], steps=2, duration=1.5)
+
+
+def test_a_bundle_written_before_the_duration_embedding_loads_and_generates_as_before(tmp_path):
+    bundle = Path(duration_bundle(tmp_path))
+    manifest = json.loads((bundle / "lafma.json").read_text())
+    del manifest["config"]["unet"]["duration_embedding"]  # as an older bundle records its UNet
+    del manifest["components"]["unet"]["config"]["unet"]["duration_embedding"]
+    (bundle / "lafma.json").write_text(json.dumps(manifest))
+    pipe = load_bundle(str(bundle))
+    assert not pipe.unet.takes_duration and pipe.max_duration is None
+    assert not any(k.startswith("duration_embed") for k in pipe.unet.state_dict())
+    for seconds in (1.28, 2.56):  # its fixed length, and longer as ever
+        assert pipe.generate(["a bell rings"], seeds=[3], steps=2, duration=seconds).audio.shape == (1, round(seconds * 16000))
+
+
 def test_components_trained_on_other_mels_are_refused_when_written(tmp_path):
     components, weights, _ = export(tmp_path)
     (tmp_path / "b").mkdir()

@@ -62,6 +62,17 @@ def test_bad_rows_are_rejected_with_their_reason_and_good_ones_kept(tmp_path):
         "nan": "bad_setting", "steps": "bad_steps", "solver": "bad_solver", "ok": "duplicate_id"}
 
 
+def test_a_row_longer_than_a_duration_conditioned_model_learned_is_rejected():
+    records = [{"id": "job", "caption": "a bell"}, {"id": "short", "caption": "a bell", "duration": 0.5},
+               {"id": "edge", "caption": "a bell", "duration": 1.28}, {"id": "long", "caption": "a bell", "duration": 1.3}]
+    rows, rejects = plan_generation(records, **{**DEFAULTS, "duration": 1.28}, max_duration=1.28)
+    assert [(r.id, r.duration) for r in rows] == [("job", 1.28), ("short", 0.5), ("edge", 1.28)]
+    assert rejects == [{"id": "long", "reason": "bad_duration",
+                        "detail": "1.3 s is longer than the model's trained maximum, 1.28 s"}]
+    # A model without the embedding (no maximum) plans every row, as before.
+    assert [r.id for r in plan_generation(records, **{**DEFAULTS, "duration": 1.28})[0]] == ["job", "short", "edge", "long"]
+
+
 def test_non_utf8_lines_of_a_text_file_are_rejected(tmp_path):
     path = tmp_path / "c.txt"
     path.write_bytes(b"a fine caption\n\xff\xfe broken\nanother\n")

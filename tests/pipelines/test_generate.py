@@ -134,6 +134,6 @@ def test_a_registry_uri_gives_its_sampler_defaults_from_the_manifest_alone(train
     monkeypatch.setattr(registry, "load_pipeline", refuse)
     monkeypatch.setattr("lafma.bundle.load_bundle", refuse)
     want = {"steps": cfg.sampler.steps, "guidance": cfg.sampler.guidance, "solver": cfg.sampler.solver,
-            "duration": cfg.sampler.duration}
+            "duration": cfg.sampler.duration, "max_duration": None}  # not conditioned on duration
     for model in ("models:/lafma/1", "models:/lafma@champion", reports["package"].info["bundle"]):
         assert model_defaults(model, str(root)) == want, model
