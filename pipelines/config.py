@@ -238,6 +238,9 @@ class TrainConfig:
     # only, so the model does not learn the padding as silence that belongs to the clip.
     # False: the padded clips are trained on as they are (the behaviour before this switch).
     mask_padding: bool = True
+    # LFM only, with unet.duration_embedding: each batch cut to a length drawn from the seed and
+    # the step, up to the whole clip, and the UNet told its duration (lafma.train.duration).
+    variable_duration: bool = False
     # The discriminator's own learning rate (GAN jobs); 0 = lr.
     disc_lr: float = 0.0
     ema_decay: float = 0.9999
@@ -299,6 +302,11 @@ class PipelineConfig(LafmaConfig):
         super().validate()
         require(self.train_vae.crop_frames % self.vae.downsample == 0, "train_vae.crop_frames",
                  f"must be a multiple of the VAE's downsampling ({self.vae.downsample})")
+        require(not self.train_lfm.variable_duration or self.unet.duration_embedding, "train_lfm.variable_duration",
+                "needs unet.duration_embedding: true (the UNet must be told each crop's duration)")
+        for job in ("train_vae", "train_vocoder"):
+            require(not getattr(self, job).variable_duration, f"{job}.variable_duration",
+                    "is for the LFM only (train_lfm.variable_duration)")
 
 
 def load_pipeline_config(path: str | Path | Sequence[str | Path] | None = None,

@@ -94,7 +94,7 @@ def fill_padding(fake: Tensor, real: Tensor, mask: Tensor | None) -> Tensor:
 def lfm_loss(unet: nn.Module, latents: Tensor, context: Tensor, mask: Tensor, *, path: OTPath,
              null_context: Tensor, null_mask: Tensor, cond_dropout: float, t_sampling: str = "uniform",
              t_mean: float = 0.0, t_std: float = 1.0, generator: torch.Generator | None = None,
-             frame_mask: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+             frame_mask: Tensor | None = None, duration: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """The LFM objective with condition dropout (for classifier-free guidance).
 
     Args:
@@ -107,6 +107,8 @@ def lfm_loss(unet: nn.Module, latents: Tensor, context: Tensor, mask: Tensor, *,
         t_sampling, t_mean, t_std: how training times are drawn (:func:`lafma.flow.sample_times`).
         frame_mask: (B, T') bool, True on the latent frames of real audio: the squared error is
             averaged over those only (the padding of short clips is no target). None: all frames.
+        duration: (B,) seconds each latent holds, passed to a UNet conditioned on duration
+            (:mod:`lafma.train.duration`); None for one without.
 
     Returns:
         ``(loss, logs)`` with the fraction of dropped captions in ``logs``.
@@ -114,7 +116,7 @@ def lfm_loss(unet: nn.Module, latents: Tensor, context: Tensor, mask: Tensor, *,
     context, mask, dropped = drop_condition(context, mask, null_context, null_mask, cond_dropout, generator)
     t = sample_times(latents.shape[0], t_sampling, mean=t_mean, std=t_std, device=latents.device,
                      generator=generator)
-    cond = {"context": context, "context_mask": mask}
+    cond = {"context": context, "context_mask": mask, **({} if duration is None else {"duration": duration})}
     if frame_mask is None:
         loss = flow_matching_loss(unet, latents, path, t=t, generator=generator, **cond)
     else:

@@ -52,14 +52,18 @@ def heldout_batches(rows: pa.Table, cfg: LafmaConfig,
     """The latents table's rows as :func:`~lafma.flow.heldout_fm_loss` batches of
     :data:`HELDOUT_BATCH`: ``(x1 (B, C, T, F), {"context": (B, L, D), "context_mask": (B, L)})``,
     each latent shaped by its row's own shape columns, each caption batch padded to its own
-    longest caption. ``cfg`` is the LFM's: its latent scale and context width."""
+    longest caption, and ``"duration"`` (B,) the whole clip's seconds for a UNet conditioned on
+    duration. ``cfg`` is the LFM's: its latent scale, context width and UNet."""
     records = rows.to_pylist()
     for start in range(0, len(records), HELDOUT_BATCH):
         part = records[start : start + HELDOUT_BATCH]
         x1 = unflatten([r["mean"] for r in part], *([r[c] for r in part] for c in LATENT_DIMS))  # (B, C, T, F)
         x1 = x1 * cfg.vae.scale_factor  # the posterior mean: no sampling noise in the score
         ctx, mask = pad_embeddings([r["emb"] for r in part], [r["length"] for r in part], cfg.context_dim)
-        yield x1.to(device), {"context": ctx.to(device), "context_mask": mask.to(device)}
+        cond = {"context": ctx.to(device), "context_mask": mask.to(device)}
+        if cfg.unet.duration_embedding:
+            cond["duration"] = torch.full((x1.shape[0],), x1.shape[2] * cfg.latent_seconds, device=device)
+        yield x1.to(device), cond
 
 
 def heldout_frame_masks(rows: pa.Table) -> list[torch.Tensor] | None:

@@ -3,6 +3,10 @@
 With ``train_lfm.mask_padding`` the loss averages over each latent's frames of real audio
 (the latents table's ``valid_frames``; a table written before that column existed counts every
 frame as real), so the model is not taught the padding of short clips as their content.
+
+With ``train_lfm.variable_duration`` each step's batch is cut to a crop drawn from the job's seed
+and the step, up to the whole clip, and the UNet is told the crop's duration
+(:mod:`lafma.train.duration`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from lafma.models import build_unet, build_vae, build_vocoder
 from lafma.pipeline import sample_latents
 from lafma.text import pad_embeddings
 from lafma.train import EMA, lfm_loss
+from lafma.train.duration import crop_latents, draw_crop, mask_seconds
 from lafma.train.objectives import valid_mask
 from lafma.vae import DiagonalGaussian
 from pipelines.core.tracking import RunLogger, mel_image
@@ -73,19 +78,28 @@ def lfm_job(inputs: JobInputs) -> Job:
             if not kept:  # the first batch's first two items: the same captions in every sample
                 kept.update(ctx=ctx[:2].clone(), mask=mask[:2].clone(), latent=posterior.mean[:2].clone())
             batch = {"x1": (z * scale).to(device), "ctx": ctx.to(device), "mask": mask.to(device)}
-            if t.mask_padding and "valid_frames" in rows:  # absent from older tables: every frame is real
-                valid = torch.as_tensor(rows["valid_frames"], dtype=torch.long)  # (B,) latent frames
-                batch["frame_mask"] = valid_mask(valid, z.shape[2]).to(device)  # (B, T')
+            if "valid_frames" in rows:  # absent from older tables: every frame is real
+                batch["valid"] = torch.as_tensor(rows["valid_frames"], dtype=torch.long)  # (B,) latent frames
+                if t.mask_padding:
+                    batch["frame_mask"] = valid_mask(batch["valid"], z.shape[2]).to(device)  # (B, T')
             yield batch
 
     def step(batch: dict[str, Tensor], i: int) -> dict[str, float]:
-        def velocity(x, tt, context, context_mask):
-            return engine(x, tt, context=context, context_mask=context_mask)
+        def velocity(x, tt, context, context_mask, **extra):
+            return engine(x, tt, context=context, context_mask=context_mask, **extra)
 
-        loss, logs = lfm_loss(velocity, batch["x1"], batch["ctx"], batch["mask"], path=path, null_context=null_ctx,
+        x1, frame_mask, seconds = batch["x1"], batch.get("frame_mask"), None
+        if t.variable_duration:  # this step's crop: a function of the seed and the step only
+            crop = draw_crop(t.seed, i, x1.shape[0], x1.shape[2], cfg.unet.downsample, batch.get("valid"))
+            x1, frame_mask = crop_latents(x1, crop, frame_mask)  # (B, C, grid, F'), (B, grid)
+        if cfg.unet.duration_embedding:  # told what each item holds: its crop, or its real audio
+            held = torch.ones(x1.shape[0], x1.shape[2], dtype=torch.bool, device=device) if frame_mask is None \
+                else frame_mask
+            seconds = mask_seconds(held, cfg.latent_seconds)  # (B,)
+        loss, logs = lfm_loss(velocity, x1, batch["ctx"], batch["mask"], path=path, null_context=null_ctx,
                               null_mask=null_mask, cond_dropout=cfg.flow.cond_dropout,
                               t_sampling=cfg.flow.t_sampling, t_mean=cfg.flow.t_mean, t_std=cfg.flow.t_std,
-                              frame_mask=batch.get("frame_mask"))
+                              frame_mask=frame_mask, duration=seconds)
         engine.backward(loss)
         updates = engine.global_steps
         engine.step()
@@ -99,11 +113,14 @@ def lfm_job(inputs: JobInputs) -> Job:
         latent = kept["latent"]  # (n, C, T', F') posterior means
         # Fixed noise: the samples of successive steps differ only by the model.
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        # A UNet conditioned on duration makes the whole clip, as the reference is.
+        seconds = torch.full((latent.shape[0],), latent.shape[2] * cfg.latent_seconds) if cfg.unet.duration_embedding \
+            else None
         with torch.no_grad():
             sol = sample_latents(ema.model, noise, kept["ctx"].to(device), kept["mask"].to(device),
                                  guidance=s.guidance, null_condition=(null_ctx, null_mask), solver=s.solver,
                                  steps=s.steps, rtol=s.rtol, atol=s.atol,
-                                 grid=s.grid if s.solver == "euler" else "uniform")
+                                 grid=s.grid if s.solver == "euler" else "uniform", duration=seconds)
         rmse = (sol.x.float().cpu() - latent * scale).pow(2).mean().sqrt()
         logger.log_metrics({"sample/latent_rmse": float(rmse)}, step=i)
         if decoder is not None:
