@@ -292,7 +292,7 @@ class PipelineConfig(LafmaConfig):
     train_vocoder: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=2e-4, betas=(0.8, 0.99), weight_decay=0.01, crop_frames=32, batch_size=16))
     # The LFM learns the padding: it generates a fixed length, and with nothing to tell it where a
-    # clip ends (no duration condition yet) it must learn that short sounds end in silence. Masked,
+    # clip ends (no unet.duration_embedding) it must learn that short sounds end in silence. Masked,
     # it fills the untrained tail with noise: on 94 real recordings with the demo config, FD 376
     # vs 300 unmasked, text-audio -0.06 vs 0.11 (benchmarks/results/own_data_cpu2.md).
     train_lfm: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=1000,
