@@ -112,6 +112,26 @@ def test_the_package_gate_scores_a_duration_model_on_whole_clips_told_their_dura
     assert "duration" not in plain
 
 
+def test_a_job_fine_tuned_from_a_bundle_gets_its_duration_embedding_and_an_older_one_none(tmp_path):
+    import json
+
+    from pipelines.train.sources import resolve_sources
+    from tests.lafma.test_bundle import duration_bundle
+
+    (tmp_path / "on").mkdir()
+    on = duration_bundle(tmp_path / "on", ["unet.duration_embedding=true"])
+    cfg, _ = resolve_sources(load_pipeline_config(CONFIG, [f"train_lfm.init_from={on}"]), str(tmp_path))
+    assert cfg.unet.duration_embedding and cfg.max_duration == cfg.audio.clip_seconds
+    (tmp_path / "old").mkdir()
+    old = Path(duration_bundle(tmp_path / "old"))
+    manifest = json.loads((old / "lafma.json").read_text())
+    for entry in (manifest["config"], manifest["components"]["unet"]["config"]):
+        del entry["unet"]["duration_embedding"]  # as a bundle written before the key existed
+    (old / "lafma.json").write_text(json.dumps(manifest))
+    cfg, _ = resolve_sources(load_pipeline_config(CONFIG, [f"train_lfm.init_from={old}"]), str(tmp_path))
+    assert not cfg.unet.duration_embedding and cfg.max_duration is None
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["train_lfm.variable_duration=true"], "train_lfm.variable_duration"),  # no embedding to tell
     (["unet.duration_embedding=true", "train_vae.variable_duration=true"], "train_vae.variable_duration"),
