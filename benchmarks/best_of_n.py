@@ -25,13 +25,7 @@ The N = 1 row is plain generation with the stage's seeds: it reproduces the stag
 from __future__ import annotations
 
 import argparse
-import datetime
-import glob
-import io
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,18 +33,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def find_evaluation(root: str, version: str) -> str:
-    """The newest finished ``evaluate`` stage output under ``root`` that evaluated ``version``."""
-    found = []
-    for marker in glob.glob(os.path.join(root, "data", "*", "evaluate-*", "_SUCCESS.json")):
-        info = json.loads(Path(marker).read_text())
-        if str(info.get("model_version")) == version:
-            found.append((info.get("finished_at", ""), os.path.dirname(marker)))
-    if not found:
-        raise SystemExit(f"no evaluate stage under {root}/data evaluated version {version}: give --evaluate")
-    return max(found)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,63 +50,43 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import numpy as np
-    import soundfile as sf
-    import torch
 
-    from lafma.data.captions import derive_seed
-    from lafma.metrics import attribute_accuracy, fit_attribute_classifiers
+    from benchmarks.heldout import (
+        attribute_scores,
+        load_held_out,
+        read_clips,
+        read_manifest,
+        write_captions,
+    )
     from pipelines.config import ComputeConfig
     from pipelines.core import storage
     from pipelines.core.cluster import init_ray
-    from pipelines.generation import GenerationSettings, resolve_model, run_generation
-    from pipelines.scoring import bundle_config, resolve_scorer
+    from pipelines.generation import GenerationSettings, run_generation
+    from pipelines.scoring import resolve_scorer
     from pipelines.stages import evaluate as ev
 
     root = storage.absolute(args.root)
-    model = resolve_model(args.model, root=root)
-    version = model.uri.rsplit("/", 1)[-1]
-    evaluate = storage.absolute(args.evaluate) if args.evaluate else find_evaluation(root, version)
-    marker = json.loads(Path(evaluate, "_SUCCESS.json").read_text())
-    inputs, stage = marker["inputs"], marker["metrics"]
-    scorer = resolve_scorer(model.uri, args.scorer, root=root)
+    h = load_held_out(root, args.model, args.evaluate)
+    ids, names, sampler = h.ids, h.attributes, h.config["sampler"]
+    scorer = resolve_scorer(h.model.uri, args.scorer, root=root)
     out = args.out or tempfile.mkdtemp(prefix="best_of_n-")
     counts = [int(n) for n in args.n.split(",")]
 
-    ids = json.loads(Path(evaluate, "metrics.json").read_text())["ids"]
-    # The stage scored the first max_clips held-out clips by id: the first len(ids) of them.
-    by_id = {c["id"]: c for c in ev.load_clips(inputs["audio"], ev.HELD_OUT, len(ids))}
-    held = [by_id[i] for i in ids]
-    train = ev.load_clips(inputs["audio"], ("train",), ev.TRAIN_CLIPS)
-    cfg = bundle_config(inputs["package"])
-    sr, sampler = cfg["mel"]["sample_rate"], cfg["sampler"]
-    from pipelines.config import EvaluateConfig, PipelineConfig
-
-    embedder = ev.evaluation_embedder(PipelineConfig(evaluate=EvaluateConfig()), root)
-    if embedder.weights_sha256 != marker["embedder"]["embedder_sha256"]:
-        raise SystemExit(f"{embedder.name} is not the embedder {evaluate} used ({marker['embedder']['embedder']})")
-    names = ev.attribute_names(train)
-    fit = fit_attribute_classifiers(torch.from_numpy(ev.embed(embedder, [c["waveform"] for c in train], sr).clips),
-                                    {a: [c["attributes"].get(a) for c in train] for a in names})
-    labels = {a: [c["attributes"].get(a) for c in held] for a in names}
-
-    captions = os.path.join(out, "captions.jsonl")
-    os.makedirs(out, exist_ok=True)
-    Path(captions).write_text("".join(json.dumps({"id": c["id"], "caption": c["caption"],
-                                                  "seed": derive_seed(args.seed, c["id"])}) + "\n" for c in held))
+    captions = write_captions(h.held, args.seed, os.path.join(out, "captions.jsonl"))
     init_ray(ComputeConfig())
     rows = []
     for n in counts:
         job = os.path.join(out, f"n-{n:02d}")
-        settings = GenerationSettings(model=model.uri, steps=sampler["steps"], guidance=sampler["guidance"],
-                                      solver=sampler["solver"], duration=cfg["audio"]["clip_seconds"], seed=args.seed,
-                                      batch_size=args.batch_size, actor_cpus=args.actor_cpus, candidates=n,
-                                      scorer=scorer)
+        settings = GenerationSettings(model=h.model.uri, steps=sampler["steps"], guidance=sampler["guidance"],
+                                      solver=sampler["solver"], duration=h.config["audio"]["clip_seconds"],
+                                      seed=args.seed, batch_size=args.batch_size, actor_cpus=args.actor_cpus,
+                                      candidates=n, scorer=scorer)
         t0 = time.time()
         summary = run_generation(captions, job, settings, root=root)
         wall = time.time() - t0
-        manifest = {r["id"]: r for r in storage.read_parquet_file(os.path.join(job, "manifest.parquet")).to_pylist()}
-        kept = [sf.read(io.BytesIO(Path(job, manifest[i]["path"]).read_bytes()), dtype="float32")[0] for i in ids]
-        acc = attribute_accuracy(fit, torch.from_numpy(ev.embed(embedder, kept, sr).clips), labels)
+        manifest = read_manifest(job)
+        kept = read_clips(job, manifest, ids)
+        acc = attribute_scores(h, ev.embed(h.embedder, kept, h.sample_rate).clips)
         rows.append({"n": n, "attributes": {a: v["accuracy"] for a, v in acc.items()},
                      "mean_accuracy": float(np.mean([v["accuracy"] for v in acc.values()])),
                      "text_audio": float(np.mean([manifest[i]["score"] for i in ids])),
@@ -133,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[best_of_n] N={n}: attribute accuracy {rows[-1]['mean_accuracy']:.3f}, text-audio "
               f"{rows[-1]['text_audio']:.4f}, {rows[-1]['seconds_per_caption']:.2f} s/caption", flush=True)
 
-    report = render(args, rows, names, stage, scorer, evaluate, len(ids), out)
+    report = render(args, rows, names, h.stage, scorer, h.evaluate, len(ids), out)
     print(report)
     if args.write:
         Path(args.write).write_text(report)
@@ -141,14 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(args, rows, names, stage, scorer, evaluate, n_captions, out) -> str:
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    from benchmarks.heldout import provenance
+
     head = "| N | mean attribute accuracy | text-audio (scorer) | " + " | ".join(names) + \
         " | kept a later seed | s / caption |"
     lines = [f"Model {args.model} at {args.root}; evaluation {evaluate}; scorer {scorer}; {n_captions} held-out "
-             f"captions; {datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, commit {commit}, "
-             f"1-min load average {load:.2f} at the end; jobs in {out}.", "",
+             f"captions; {provenance()}; jobs in {out}.", "",
              head, "|" + " --- |" * (6 + len(names) - 1)]
     for r in rows:
         lines.append(f"| {r['n']} | {r['mean_accuracy']:.3f} | {r['text_audio']:.4f} | "
