@@ -235,8 +235,8 @@ def system_metrics(run_id: str | None, *, rank: int = 0, tracking: str | None = 
             monitor.finish()
 
 
-def _mel_arrays(mels: list[tuple[str, Any]]) -> list[np.ndarray]:
-    arrays = [_to_numpy(m) for _, m in mels]
+def _mel_arrays(mels: list[tuple]) -> list[np.ndarray]:
+    arrays = [_to_numpy(m) for _, m, *_ in mels]  # a panel may carry a region after its mel
     if not arrays or any(a.ndim != 2 for a in arrays):
         raise ValueError(f"need (title, (n_mels, T)) pairs, got {[a.shape for a in arrays]}")
     return arrays
@@ -276,12 +276,18 @@ def mel_image(mels: list[tuple[str, np.ndarray]], *, sample_rate: int, hop_lengt
     return _png(fig)
 
 
-def mel_grid(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], *, sample_rate: int,
-             hop_length: int) -> bytes:
+# Colour of the lines that mark a panel's region: cyan stands out on every shade of magma.
+REGION_COLOUR = "cyan"
+
+
+def mel_grid(rows: list[tuple[str, list[tuple]]], *, sample_rate: int, hop_length: int) -> bytes:
     """PNG, one titled row per ``(row title, [(panel title, mel: (n_mels, T)), ...])``, every
     row with the same number of panels side by side and the whole sheet on one colour scale
     (so a panel compares with any other, across rows too). 4 x 2.5 inches a panel at 100 dpi,
-    plus 1 inch of width for the colour bar and half an inch of height for the margins."""
+    plus 1 inch of width for the colour bar and half an inch of height for the margins.
+
+    A panel given as ``(title, mel, (start, end))`` has that span of seconds marked by dashed
+    :data:`REGION_COLOUR` lines at its edges (e.g. the part of a clip that was regenerated)."""
     from matplotlib.figure import Figure
     arrays = [_mel_arrays(panels) for _, panels in rows]
     if not arrays or len({len(a) for a in arrays}) != 1:
@@ -294,9 +300,12 @@ def mel_grid(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], *, sample_rat
     for sub, (caption, panels), row in zip(np.atleast_1d(sheet.subfigures(len(rows), 1)), rows, arrays,
                                            strict=True):
         sub.suptitle(caption, fontweight="bold")
-        for col, (ax, (title, _), a) in enumerate(zip(sub.subplots(1, cols, squeeze=False)[0], panels, row,
-                                                      strict=True)):
+        for col, (ax, (title, _, *region), a) in enumerate(zip(sub.subplots(1, cols, squeeze=False)[0], panels,
+                                                                row, strict=True)):
             image = _draw_mel(ax, a, vrange, sample_rate, hop_length)
+            for edge in region[0] if region else ():
+                # Lines, not a shaded span: a tint would shift the panel's colours off the shared scale.
+                ax.axvline(edge, color=REGION_COLOUR, linestyle="--", linewidth=1.5)
             ax.set(title=title, xlabel="time (s)", ylabel="mel bin" if col == 0 else None)
     bar.colorbar(image, cax=bar.add_subplot(), label="log magnitude")
     return _png(fig)

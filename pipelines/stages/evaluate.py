@@ -5,7 +5,9 @@ Every number is labelled with the embedder that measured it (name and SHA-256 of
 weights). Reference rows make the scale readable: real vs real (two halves of the held-out
 set), the vocoder's rendering of real mels, and the VAE + vocoder round trip of real mels.
 A spectrogram sheet puts a few held-out captions' generated clips beside a real clip of each
-caption and that clip's VAE + vocoder round trip.
+caption and that clip's VAE + vocoder round trip; an edits sheet shows a few of those real clips
+inpainted and continued with their own caption (training-free, :meth:`LafmaPipeline.generate`'s
+``regenerate``), the regenerated seconds marked.
 
 What a reader needs to recompute every number stays in the stage's output: the generated
 clips (``generated/manifest.parquet``: id → wav), and ``metrics.json``, which beside the
@@ -32,6 +34,7 @@ import torch
 from lafma.config import MelConfig
 from lafma.data.captions import derive_seed, safe_name
 from lafma.metrics import Embedded, frechet_distance_from_embeddings, score_generations
+from lafma.pipeline import Generation, LafmaPipeline
 from pipelines.config import PipelineConfig
 from pipelines.core import registry, storage
 from pipelines.core.stage import Stage, StageContext, read_marker
@@ -55,6 +58,12 @@ LOGGED_CLIPS = 64  # generated held-out clips whose audio is logged to MLflow
 # Held-out clips drawn in the spectrogram sheet: rows enough to see a pattern, few enough
 # that the sheet stays one image a reader takes in at once.
 SHEET_ROWS = 8
+# The edits sheet: its first EDIT_ROWS sheet clips, each inpainted over this share of its length
+# (a middle region: kept audio on both sides to join) and continued from this share on (the
+# first part kept, the rest generated after it).
+EDIT_ROWS = 3
+INPAINT = (0.25, 0.6)
+CONTINUE_FROM = 0.5
 # Higher is better only for the text-audio score.
 HIGHER_IS_BETTER = {"text_audio"}
 # A manifest column is scored as an attribute (a classifier fitted on real training clips,
@@ -159,25 +168,75 @@ def sheet_rows(held: list[dict], n: int = SHEET_ROWS) -> list[int]:
     return (first + again)[:n]
 
 
-def spectrogram_sheet(mel_cfg: MelConfig, held: list[dict], gen: list[np.ndarray],
-                      roundtrip: list[np.ndarray]) -> bytes:
-    """PNG: a row per :func:`sheet_rows` clip, titled with its caption: the generated clip, the
-    real clip and its VAE + vocoder round trip. All three are mels of waveforms, by one
-    transform, so the panels compare (the stored real mel is that transform of its waveform)."""
+def waveform_mel(mel_cfg: MelConfig):
+    """``mel(wav: (N,)) -> (n_mels, N // hop)``: the one transform every sheet draws waveforms
+    with, so their panels compare (the stored real mel is that transform of its waveform)."""
     from lafma.audio.mel import MelSpectrogram
-    from pipelines.core.tracking import mel_grid
 
     to_mel = MelSpectrogram.from_config(mel_cfg)
 
+    @torch.no_grad()
     def mel(wav: np.ndarray) -> torch.Tensor:
         return to_mel(torch.from_numpy(np.ascontiguousarray(wav, np.float32)))  # (N,) -> (n_mels, N // hop)
 
+    return mel
+
+
+def spectrogram_sheet(mel_cfg: MelConfig, held: list[dict], gen: list[np.ndarray],
+                      roundtrip: list[np.ndarray]) -> bytes:
+    """PNG: a row per :func:`sheet_rows` clip, titled with its caption: the generated clip, the
+    real clip and its VAE + vocoder round trip, all mels of waveforms (:func:`waveform_mel`)."""
+    from pipelines.core.tracking import mel_grid
+
+    mel = waveform_mel(mel_cfg)
     rows = []
-    with torch.no_grad():
-        for i in sheet_rows(held):
-            c = held[i]
-            rows.append((c["caption"][:120], [("generated", mel(gen[i])), (f"real: {c['id']}", mel(c["waveform"])),
-                                              ("VAE + vocoder round trip", mel(roundtrip[i]))]))
+    for i in sheet_rows(held):
+        c = held[i]
+        rows.append((c["caption"][:120], [("generated", mel(gen[i])), (f"real: {c['id']}", mel(c["waveform"])),
+                                          ("VAE + vocoder round trip", mel(roundtrip[i]))]))
+    return mel_grid(rows, sample_rate=mel_cfg.sample_rate, hop_length=mel_cfg.hop_length)
+
+
+def edit_regions(duration: float) -> dict[str, tuple[float, float]]:
+    """Seconds each edit of a ``duration``-second clip regenerates: ``inpaint`` (:data:`INPAINT`
+    of it) and ``continue`` (from :data:`CONTINUE_FROM` of it to its end)."""
+    return {"inpaint": (INPAINT[0] * duration, INPAINT[1] * duration), "continue": (CONTINUE_FROM * duration, duration)}
+
+
+def edit_examples(pipe: LafmaPipeline, clips: list[dict], seeds: list[int], *, duration: float, steps: int,
+                  guidance: float, solver: str) -> dict[str, Generation]:
+    """``clips`` (their ``waveform`` and ``caption``) inpainted and continued over
+    :func:`edit_regions`, each with its own caption and seed, by ``pipe``.
+
+    Continuation is inpainting of what lies past the input's end: the model is given only the
+    clip's first part (``duration`` pads it with silence) and generates the rest after it.
+
+    Returns:
+        ``{"inpaint": Generation, "continue": Generation}``, each with (B, duration · sample_rate)
+        audio in ``clips`` order.
+    """
+    regions = edit_regions(duration)
+    captions = [c["caption"] for c in clips]
+    wave = torch.from_numpy(np.stack([c["waveform"] for c in clips]))  # (B, N)
+    head = wave[:, : round(regions["continue"][0] * pipe.sample_rate)]  # (B, N_kept): the part continued
+    kwargs = dict(seeds=seeds, steps=steps, guidance=guidance, solver=solver, duration=duration)
+    return {"inpaint": pipe.generate(captions, audio=wave, regenerate=regions["inpaint"], **kwargs),
+            "continue": pipe.generate(captions, audio=head, regenerate=regions["continue"], **kwargs)}
+
+
+def edits_sheet(mel_cfg: MelConfig, clips: list[dict], edits: dict[str, Generation], duration: float) -> bytes:
+    """PNG: a row per clip of :func:`edit_examples`, titled with its caption: the input clip, its
+    inpainting and its continuation, the regenerated seconds between dashed lines."""
+    from pipelines.core.tracking import mel_grid
+
+    mel, regions = waveform_mel(mel_cfg), edit_regions(duration)
+    (a, b), (c0, _) = regions["inpaint"], regions["continue"]
+    rows = []
+    for i, c in enumerate(clips):
+        rows.append((c["caption"][:120], [
+            (f"input: {c['id']}", mel(c["waveform"])),
+            (f"inpainted {a:.2f}-{b:.2f} s", mel(edits["inpaint"].audio[i].numpy()), regions["inpaint"]),
+            (f"continued from {c0:.2f} s", mel(edits["continue"].audio[i].numpy()), regions["continue"])]))
     return mel_grid(rows, sample_rate=mel_cfg.sample_rate, hop_length=mel_cfg.hop_length)
 
 
@@ -233,7 +292,8 @@ class EvaluateStage(Stage):
 
         gen, seconds_per_clip = self._generate(ctx, held, out_dir, "generated", s.steps, pkg)
         real = embed(embedder, [c["waveform"] for c in held], sr)
-        vocoded, roundtrip = self._back_end(ctx, held, pkg)
+        pipe = registry.load_pipeline(packaged_model_uri(pkg), root=ctx.root, device="cpu")
+        vocoded, roundtrip = self._back_end(ctx, held, pipe)
         captions = [c["caption"] for c in train]
         text = caption_embeddings(ctx.outputs["text"], captions + [c["caption"] for c in held])  # one pass
         names = attribute_names(train)
@@ -252,17 +312,19 @@ class EvaluateStage(Stage):
         registry.set_gate(pkg["model_version"], root=ctx.root, metric=gate_name, value=gate_value,
                           lower_is_better=e.gate_metric not in HIGHER_IS_BETTER)
         scorer = self._save_scorer(ctx, out_dir, scores, embedder, pkg, len(train))
-        sheet = storage.join(out_dir, "spectrograms.png")
+        sheet, edits = storage.join(out_dir, "spectrograms.png"), storage.join(out_dir, "edits.png")
         storage.write_bytes(sheet, png := spectrogram_sheet(cfg.mel, held, gen, roundtrip))
-        self._log(ctx, held, gen, scores, flat, embedder, sweep, out_dir, png)
+        storage.write_bytes(edits, edits_png := self._edits(ctx, held, pipe))
+        self._log(ctx, held, gen, scores, flat, embedder, sweep, out_dir,
+                  {"eval/spectrograms.png": png, "eval/edits.png": edits_png})
         print("[evaluate] " + ", ".join(f"{k} {v:.4g}" for k, v in flat.items()), flush=True)
         return {"rows": len(held), "embedder": embedder.describe(), "metrics": flat, "gate_metric": gate_name,
                 "gate_value": gate_value, "model_version": pkg["model_version"], "sweep": sweep,
-                "spectrograms": sheet, "scorer": scorer}
+                "spectrograms": sheet, "edits": edits, "scorer": scorer}
 
     def summary(self, info: dict) -> list[str]:
         """The headline numbers beside their references, the attribute accuracies and the
-        spectrogram sheet's path."""
+        sheets' paths."""
         if "metrics" not in info:
             return []
         m, nan = info["metrics"], float("nan")
@@ -277,6 +339,8 @@ class EvaluateStage(Stage):
                          "audio and caption, e.g. a 'category' column)")
         if "spectrograms" in info:
             lines.append(f"spectrogram sheet: {info['spectrograms']}")
+        if "edits" in info:
+            lines.append(f"inpainting and continuation sheet: {info['edits']}")
         return lines
 
     def _save_scorer(self, ctx: StageContext, out_dir: str, scores, embedder, pkg: dict, train_clips: int) -> str:
@@ -329,10 +393,10 @@ class EvaluateStage(Stage):
         per_clip = float(np.mean([r["seconds"] for r in rows.values()]))
         return waves, per_clip if per_clip > 0 else wall / len(held)
 
-    def _back_end(self, ctx: StageContext, held: list[dict], pkg: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _back_end(self, ctx: StageContext, held: list[dict],
+                  pipe: LafmaPipeline) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """What the generator's back end alone loses: the held-out real mels through the
         vocoder, and through the VAE round trip and the vocoder."""
-        pipe = registry.load_pipeline(packaged_model_uri(pkg), root=ctx.root, device="cpu")
         # Each clip's own seed for Griffin-Lim's random phase: the references are the same in
         # every run, whatever else the driver drew before.
         seeds = [derive_seed(ctx.cfg.evaluate.seed, c["id"]) for c in held]
@@ -341,6 +405,22 @@ class EvaluateStage(Stage):
             vocoded = [w.numpy() for w in pipe.vocode(mel, seeds)]
             roundtrip = [w.numpy() for w in pipe.vocode(pipe.vae.decode(pipe.vae.encode(mel).mean), seeds)]
         return vocoded, roundtrip
+
+    def _edits(self, ctx: StageContext, held: list[dict], pipe: LafmaPipeline) -> bytes:
+        """The edits sheet (:func:`edits_sheet`) of the first :data:`EDIT_ROWS` sheet clips, at the
+        sampler's settings and each clip's own seed, so every run draws the same sheet."""
+        from lafma.flow.solvers import TABLEAUX
+
+        s, e = ctx.cfg.sampler, ctx.cfg.evaluate
+        clips = [held[i] for i in sheet_rows(held, EDIT_ROWS)]
+        duration = ctx.cfg.audio.clip_seconds
+        # Regenerating part of a clip needs a fixed-step solver; an adaptive sampler's sheet uses Euler.
+        solver = s.solver if s.solver in TABLEAUX else "euler"
+        t0 = time.time()
+        edits = edit_examples(pipe, clips, [derive_seed(e.seed, c["id"]) for c in clips], duration=duration,
+                              steps=s.steps, guidance=s.guidance, solver=solver)
+        print(f"[evaluate] {len(clips)} clips inpainted and continued in {time.time() - t0:.1f} s", flush=True)
+        return edits_sheet(ctx.cfg.mel, clips, edits, duration)
 
     def _sweep(self, ctx, held, out_dir, embedder, real_fd, pkg) -> dict:
         """FD and time per clip at each of ``evaluate.sweep_steps`` (the paper: ~10 steps suffice)."""
@@ -352,7 +432,7 @@ class EvaluateStage(Stage):
             print(f"[evaluate] {steps} steps: fd {out[steps]['fd']:.4g}, {seconds:.3f} s/clip", flush=True)
         return out
 
-    def _log(self, ctx, held, gen, scores, flat, embedder, sweep, out_dir, sheet_png) -> None:
+    def _log(self, ctx, held, gen, scores, flat, embedder, sweep, out_dir, sheets: dict[str, bytes]) -> None:
         import pandas as pd
         from mlflow import MlflowClient
 
@@ -370,7 +450,8 @@ class EvaluateStage(Stage):
         if not logger.enabled:
             return
         logger.log_metrics(flat, step=0)
-        logger.log_image(sheet_png, "eval/spectrograms.png")
+        for path, png in sheets.items():
+            logger.log_image(png, path)
         logger.set_tags({f"lafma.{k}": v for k, v in embedder.describe().items()})
         # The first LOGGED_CLIPS clips' audio goes to MLflow (the table points at it); the
         # table points every other row at its file in the stage's output.

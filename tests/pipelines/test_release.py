@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipelines.core import registry, tracking
 from pipelines.stages import STAGES
-from pipelines.stages.evaluate import SHEET_ROWS, sheet_rows
+from pipelines.stages.evaluate import EDIT_ROWS, SHEET_ROWS, sheet_rows
 
 ROOT = Path(__file__).parents[2]
 
@@ -90,6 +90,14 @@ def test_evaluate_scores_the_candidate_and_hands_its_metric_to_the_gate(trained)
     assert f"spectrogram sheet: {sheet}" in reports["evaluate"].notes
     assert np.asarray(Image.open(sheet).convert("RGB")).shape == (50 + 250 * min(SHEET_ROWS, ev["rows"]), 1300, 3)
     assert Path(client(root).download_artifacts(run, "eval/spectrograms.png")).read_bytes() == sheet.read_bytes()
+    # The edits sheet beside it: EDIT_ROWS of the sheet's real clips, each a row of input,
+    # inpainting and continuation (what they are: test_edit_sheet.py).
+    edits = Path(ev["edits"])
+    assert edits == Path(reports["evaluate"].path) / "edits.png" and "eval/edits.png" in arts
+    assert f"inpainting and continuation sheet: {edits}" in reports["evaluate"].notes
+    assert edits.read_bytes().startswith(b"\x89PNG")
+    assert np.asarray(Image.open(edits).convert("RGB")).shape == (50 + 250 * min(EDIT_ROWS, ev["rows"]), 1300, 3)
+    assert Path(client(root).download_artifacts(run, "eval/edits.png")).read_bytes() == edits.read_bytes()
 
 
 def test_the_spectrogram_sheet_draws_each_caption_once_before_any_twice():

@@ -246,6 +246,21 @@ def test_mel_grid_draws_a_row_of_panels_per_title_on_one_colour_scale():
             tracking.mel_grid(b, sample_rate=16000, hop_length=160)
 
 
+def test_mel_grid_marks_a_panels_region_with_lines_at_its_edges():
+    from matplotlib.colors import to_rgb
+
+    mel = np.zeros((8, 100))  # 1 s at hop 160: one dark panel, so only the lines are cyan
+    png = tracking.mel_grid([("row", [("plain", mel), ("edited", mel, (0.25, 0.75))])], sample_rate=16000,
+                            hop_length=160)
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    colour = np.round(np.array(to_rgb(tracking.REGION_COLOUR)) * 255)
+    columns = np.flatnonzero((np.abs(img - colour).max(-1) <= 2).any(0))  # x of every marked pixel
+    assert len(columns) and columns.min() >= 400 and columns.max() < 800  # the second panel's only
+    # Two lines, a quarter and three quarters of the way across its axes: a gap between them.
+    gaps = np.flatnonzero(np.diff(columns) > 50)
+    assert len(gaps) == 1 and columns[gaps[0] + 1] - columns[gaps[0]] > 100
+
+
 def test_find_run_by_tags(root, experiment):
     def start(config_hash: str) -> str:
         tags = {"lafma.stage": "train_vae", "lafma.config_hash": config_hash}
