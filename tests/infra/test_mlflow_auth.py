@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def _serve(tmp: Path, env: dict) -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen([mlflow, "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
                                  "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
                                  "--default-artifact-root", str(tmp / "artifacts"), "--workers", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -41,7 +42,7 @@ def _serve(tmp: Path, env: dict) -> tuple[subprocess.Popen, str]:
                 return proc, url
             except requests.ConnectionError:
                 time.sleep(0.5)
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's workers and job runners too
         proc.wait()
         text = (tmp / f"server-{port}.log").read_text()
         if "address already in use" not in text.lower():
@@ -68,5 +69,5 @@ def test_the_tracking_server_answers_only_a_logged_in_client(tmp_path):
         assert ok.status_code == 200, ok.text[:500]
         assert "experiments" in ok.json()
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's workers and job runners too
         proc.wait()

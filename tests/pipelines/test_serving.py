@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def serve(uri: str, env: dict, logs: Path) -> tuple[subprocess.Popen, str]:
         with open(log, "w") as out:
             proc = subprocess.Popen([mlflow, "models", "serve", "-m", uri, "--env-manager", "local",
                                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -50,7 +51,7 @@ def serve(uri: str, env: dict, logs: Path) -> tuple[subprocess.Popen, str]:
             except requests.ConnectionError:
                 pass
             time.sleep(1)
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's workers and job runners too
         proc.wait()
         if "address already in use" not in log.read_text().lower():
             pytest.fail(f"mlflow models serve did not start:\n{log.read_text()[-4000:]}")
@@ -131,5 +132,5 @@ def test_a_served_version_answers_with_the_pyfuncs_audio_and_refuses_bad_request
         np.testing.assert_allclose(np.asarray(again.json()["predictions"][0]["audio"], np.float32), want["audio"][0],
                                    rtol=0, atol=1e-6)
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's workers and job runners too
         proc.wait()
