@@ -58,16 +58,11 @@ def fractions(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.heldout import add_model_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="storage root of the finished run (its MLflow store resolves --model)")
-    p.add_argument("--model", required=True, help="models:/lafma/<version> or models:/lafma@<alias>")
-    p.add_argument("--evaluate", default=None, help="the version's evaluate stage output (default: found under --root)")
+    add_model_arguments(p)
     p.add_argument("--fractions", default="0.25,0.5,1", help="fractions of audio.clip_seconds, comma-separated")
-    p.add_argument("--seed", type=int, default=0, help="evaluate.seed of that run (the held-out clips' seeds)")
-    p.add_argument("--batch-size", type=int, default=8, help="clips per model call")
-    p.add_argument("--actor-cpus", type=float, default=1.0)
-    p.add_argument("--out", default=None, help="where the jobs write (default: a new temporary folder)")
-    p.add_argument("--write", default=None, help="also write the markdown report here")
     args = p.parse_args(argv)
     wanted = fractions(args.fractions)
 

@@ -9,6 +9,7 @@ writes are read back as the stage reads its own (:func:`read_clips`).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import glob
 import io
@@ -50,6 +51,19 @@ class HeldOut:
     attributes: list[str]
     classifiers: object
     labels: dict[str, list]
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every held-out benchmark takes: which run and model, where its evaluation is,
+    its seed, how the batch job runs, and where the jobs and the report go."""
+    p.add_argument("--root", required=True, help="storage root of the finished run (its MLflow store resolves --model)")
+    p.add_argument("--model", required=True, help="models:/lafma/<version> or models:/lafma@<alias>")
+    p.add_argument("--evaluate", default=None, help="the version's evaluate stage output (default: found under --root)")
+    p.add_argument("--seed", type=int, default=0, help="evaluate.seed of that run (the held-out clips' seeds)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per model call")
+    p.add_argument("--actor-cpus", type=float, default=1.0)
+    p.add_argument("--out", default=None, help="where the jobs write (default: a new temporary folder)")
+    p.add_argument("--write", default=None, help="also write the markdown report here")
 
 
 def find_evaluation(root: str, version: str) -> str:
