@@ -15,17 +15,21 @@ CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 CAPTION, SEED = "a bell rings twice", 3
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    """configs/test.yaml's generator with random weights; the UNet's zero-initialised output
+def random_pipeline(cfg):
+    """``cfg``'s generator with random weights, seeded; the UNet's zero-initialised output
     layers get noise, or its velocity would be 0 whatever the input."""
-    cfg = load_pipeline_config(CONFIG)
     torch.manual_seed(0)
     p = build_pipeline(cfg)
     with torch.no_grad():
         for w in p.unet.parameters():
             w.add_(0.05 * torch.randn_like(w))
     return p
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    """configs/test.yaml's generator with random weights (:func:`random_pipeline`)."""
+    return random_pipeline(load_pipeline_config(CONFIG))
 
 
 @pytest.fixture(scope="module")

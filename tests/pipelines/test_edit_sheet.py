@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lafma.models import build_pipeline
 from pipelines.config import load_pipeline_config
 from pipelines.core.tracking import REGION_COLOUR
 from pipelines.stages.evaluate import INPAINT, edit_examples, edit_regions, edits_sheet
+from tests.lafma.test_audio_in import random_pipeline
 
 CONFIG = Path(__file__).parents[2] / "configs" / "test.yaml"
 SEEDS = [3, 4]
@@ -29,14 +29,8 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def pipe(cfg):
-    """configs/test.yaml's generator with random weights; the UNet's zero-initialised output
-    layers get noise, or its velocity would be 0 whatever the input (as in test_audio_in.py)."""
-    torch.manual_seed(0)
-    p = build_pipeline(cfg)
-    with torch.no_grad():
-        for w in p.unet.parameters():
-            w.add_(0.05 * torch.randn_like(w))
-    return p
+    """configs/test.yaml's generator with random weights, as test_audio_in.py's."""
+    return random_pipeline(cfg)
 
 
 def clips(cfg, tail_seed: int = 1) -> list[dict]:
