@@ -53,6 +53,10 @@ class DataConfig:
     # Seconds one remote file may take to read (fsspec's async filesystems, s3 among them):
     # longer is a reject ("timeout"), so a stalled connection cannot hold a shard forever.
     read_timeout: float = 120.0
+    # Seconds one input file may take from the start of its read to the end of its decode, on
+    # any filesystem (a stalled network mount, a decoder that never ends): longer is a reject
+    # ("timeout") and the rest of the shard still comes out (pipelines.core.deadline).
+    file_timeout: float = 300.0
     # A clip whose RMS is below this (dBFS) is silent: rejected.
     silence_db: float = -70.0
     # Captions longer than this many characters are truncated, not rejected.
@@ -83,6 +87,7 @@ class DataConfig:
             why = scheme_refusal(uri, self.allowed_schemes) if uri else None
             require(why is None, f"{prefix}.{key}", f"{why}: add its scheme to {prefix}.allowed_schemes to read it")
         require(self.read_timeout > 0, f"{prefix}.read_timeout", "must be positive (seconds)")
+        require(self.file_timeout > 0, f"{prefix}.file_timeout", "must be positive (seconds)")
         require(self.silence_db < 0, f"{prefix}.silence_db", "must be negative (dBFS)")
         require(self.max_caption_chars > 0, f"{prefix}.max_caption_chars", "must be positive")
         require(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")
@@ -227,6 +232,11 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # How Ray places the workers (a placement group's strategy): PACK fills a node before the
+    # next (fewest hops between ranks); SPREAD puts them on different nodes where it can, and
+    # STRICT_SPREAD on different nodes or not at all (a worker per node, e.g. to use every
+    # node's local disk bandwidth, or to prove a multi-node run: tests/pipelines/test_two_node.py).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 1
     checkpoint_every: int = 500
     log_every: int = 10

@@ -18,7 +18,7 @@ from lafma.audio import AudioError, MelSpectrogram, load_audio
 from lafma.config import MelConfig
 from lafma.data.clips import ClipRejected, cut_clips
 from pipelines.config import DataConfig
-from pipelines.core import storage
+from pipelines.core import deadline, storage
 from pipelines.core.stage import (
     Stage,
     StageContext,
@@ -92,13 +92,21 @@ def process_file(row: dict, mel: MelConfig, data: DataConfig, clip_samples: int)
 
 
 def process_shard(item: dict, *, out_dir: str, mel: MelConfig, data: DataConfig, clip_samples: int) -> dict:
+    """One shard of manifest rows → its clips and rejects, written; every file under
+    ``data.file_timeout`` (:func:`pipelines.core.deadline.time_limit`)."""
     rows, rejects = [], []
+    if (why := deadline.unavailable()) is not None:
+        print(f"[audio] shard {item['shard']}: no per-file time limit here ({why})", flush=True)
     for row in item["rows"]:
+        reject_row = {"id": row["id"], "audio_uri": row["audio_uri"]}
         try:
-            clips, reject = process_file(row, mel, data, clip_samples)
+            with deadline.time_limit(data.file_timeout, f"reading and decoding {row['audio_uri']}"):
+                clips, reject = process_file(row, mel, data, clip_samples)
+        except deadline.TimeLimitExceeded:
+            clips, reject = [], {**reject_row, "reason": "timeout",
+                                 "detail": f"not read and decoded within data.file_timeout={data.file_timeout:g} s"}
         except Exception as e:  # noqa: BLE001 — one bad file never fails a shard (the data contract)
-            clips, reject = [], {"id": row["id"], "audio_uri": row["audio_uri"], "reason": "error",
-                                 "detail": f"{type(e).__name__}: {e}"[:300]}
+            clips, reject = [], {**reject_row, "reason": "error", "detail": f"{type(e).__name__}: {e}"[:300]}
         rows += clips
         if reject:
             rejects.append(reject)

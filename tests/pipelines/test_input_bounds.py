@@ -248,6 +248,71 @@ def test_a_stalled_s3_endpoint_is_a_timeout_reject_within_the_deadline(tmp_path,
         server.close()
 
 
+# A shard whose files hang, in a child process (a hang must fail the test, not hold it): one
+# file's read blocks in a real system call (a pipe whose writer never writes), another's decode
+# loops in Python; each is a timeout reject, and the good files on either side still come out.
+HANGING_SHARD = """
+import json, os, sys, time
+import pipelines.stages.audio as audio
+from pipelines.config import load_pipeline_config
+cfg = load_pipeline_config(sys.argv[1], json.loads(sys.argv[2]))
+real_read, real_load = audio.storage.read_bounded, audio.load_audio
+reader, writer = os.pipe()  # the write end stays open: a read waits forever
+
+def read_bounded(uri, **kw):
+    return os.read(reader, 1) if "stalled" in uri else real_read(uri, **kw)
+
+def load_audio(raw, sr, *, name, **kw):
+    while "endless" in name:
+        time.sleep(0.01)
+    return real_load(raw, sr, name=name, **kw)
+
+audio.storage.read_bounded, audio.load_audio = read_bounded, load_audio
+t0 = time.monotonic()
+out = audio.process_shard({"shard": 0, "rows": json.loads(sys.argv[3])}, out_dir=sys.argv[4], mel=cfg.mel,
+                          data=cfg.data, clip_samples=cfg.clip_samples)
+print(json.dumps({**out, "seconds": time.monotonic() - t0}))
+"""
+
+
+def test_a_read_or_decode_that_never_ends_is_a_timeout_reject_and_the_shard_still_comes_out(tmp_path):
+    good = {"first": wav(tmp_path / "a.wav"), "last": wav(tmp_path / "b.wav")}
+    hanging = {"stalled_read": wav(tmp_path / "stalled.wav"), "endless_decode": wav(tmp_path / "endless.wav")}
+    rows = [row("first", good["first"]), *(row(rid, uri) for rid, uri in hanging.items()), row("last", good["last"])]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", HANGING_SHARD, str(CONFIG), json.dumps([*CAPS, "data.file_timeout=1"]),
+                           json.dumps(rows), str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (result["rows_out"], result["rejected"]) == (2, 2), result
+    assert result["seconds"] < 30  # two limits of 1 s, not a wait for the test's own timeout
+    assert sorted(pq.read_table(out / "shard-00000.parquet").column("id").to_pylist()) == sorted(good)
+    rejects = pq.read_table(out / "rejects" / "shard-00000.parquet").to_pylist()
+    assert {r["id"]: r["reason"] for r in rejects} == dict.fromkeys(hanging, "timeout")
+    assert all("data.file_timeout=1" in r["detail"] for r in rejects)
+
+
+def test_the_time_limit_says_why_it_is_not_armed_off_the_main_thread_and_restores_the_handler():
+    import threading
+
+    from pipelines.core.deadline import TimeLimitExceeded, time_limit
+
+    before = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(TimeLimitExceeded, match="the loop did not finish within 0.2 s"):
+        with time_limit(0.2, "the loop") as why:
+            assert why is None
+            while True:
+                pass
+    assert signal.getsignal(signal.SIGALRM) is before and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    reasons = []
+    thread = threading.Thread(target=lambda: reasons.append(time_limit(1).__enter__()))
+    thread.start()
+    thread.join()
+    assert "main thread" in reasons[0]
+    with deadline(30), time_limit(1) as why:  # an enclosing timer is left alone
+        assert "already armed" in why
+
+
 # -- manifests and configs ----------------------------------------------------------------------
 
 
@@ -271,6 +336,7 @@ def test_manifest_rows_with_other_schemes_are_rejects_at_ingest(tmp_path):
     ("data.max_sample_rate=0", "data.max_sample_rate"),
     ("data.max_channels=0", "data.max_channels"),
     ("data.read_timeout=0", "data.read_timeout"),
+    ("data.file_timeout=-1", "data.file_timeout"),
 ])
 def test_a_config_outside_the_bounds_names_its_key(override, key):
     with pytest.raises(ConfigError) as e:
