@@ -227,8 +227,10 @@ class TrainConfig:
     grad_accum: int = 1
     zero_stage: int = 2
     # "auto": bf16 on GPU, fp32 on CPU. "bf16" on a CPU: only where it has native bf16
-    # (pipelines.train.engines.use_bf16). Weights stay fp32 either way (autocast).
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # (pipelines.train.engines.use_bf16). "bf16_forced": bf16 whatever the CPU, emulated (slowly)
+    # where it is not native, to rehearse the bf16 path's dtypes before a GPU sees them
+    # (configs/rehearsal.yaml). Weights stay fp32 either way (autocast).
+    precision: Literal["auto", "fp32", "bf16", "bf16_forced"] = "auto"
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0

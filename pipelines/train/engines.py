@@ -25,10 +25,12 @@ def use_bf16(train: TrainConfig, device: torch.device) -> bool:
     UNet 1.15x, and an AMX machine ran that UNet slower (``benchmarks/train.py --precision``,
     results in ``benchmarks/results/``), so a config asks for it per job with ``precision: bf16``. That
     request is honoured on a CPU only where bf16 is native; elsewhere the job trains in fp32.
+    ``bf16_forced`` is honoured everywhere: autocast runs bf16 on any CPU, emulated where it is
+    not native — slow, but the same dtypes a GPU run will meet, on a machine without one.
     """
     if device.type == "cuda":
         return train.precision != "fp32"
-    return train.precision == "bf16" and cpu_has_native_bf16()
+    return train.precision == "bf16_forced" or (train.precision == "bf16" and cpu_has_native_bf16())
 
 
 def _optimizer_and_schedule(model: torch.nn.Module, train: TrainConfig, lr: float):

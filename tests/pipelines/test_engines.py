@@ -24,3 +24,20 @@ def test_an_exponential_decay_config_reaches_the_optimiser_in_optimiser_steps():
     # Steps 0-1 warm up (1/2, 2/2 of the peak); the peak holds for 3 more steps (2-4), then the
     # rate halves every 3 optimiser steps (6 micro-batches).
     assert lrs == pytest.approx([5e-4] + [1e-3] * 4 + [5e-4] * 3 + [2.5e-4] * 3)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_forced_trains_in_bf16_on_any_cpu_and_bf16_only_where_native(native, monkeypatch):
+    from pipelines.train import engines
+
+    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert engines.use_bf16(TrainConfig(precision="bf16_forced"), cpu)
+    assert engines.use_bf16(TrainConfig(precision="bf16"), cpu) == native
+    assert not engines.use_bf16(TrainConfig(precision="auto"), cpu)
+    assert not engines.use_bf16(TrainConfig(precision="fp32"), cpu)
+    # The forced path really computes in bf16 under the engine's autocast, with fp32 weights.
+    model = nn.Linear(4, 4)
+    engine = PlainEngine(model, TrainConfig(precision="bf16_forced", lr=1e-3), lr=1e-3, bf16=True)
+    out = engine(torch.randn(2, 4))
+    assert out.dtype == torch.bfloat16 and model.weight.dtype == torch.float32
