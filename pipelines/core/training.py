@@ -162,7 +162,8 @@ def init_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num_workers: int,
            cpus_per_worker: float, gpus_per_worker: float, max_failures: int, config: dict,
-           datasets: dict | None = None, split_datasets: bool = True) -> Result:
+           datasets: dict | None = None, split_datasets: bool = True,
+           placement_strategy: str = "PACK") -> Result:
     """Run ``train_fn(config)`` on ``num_workers`` Ray Train workers and wait for it.
 
     Resume semantics (Ray 2.60, Train V2): a run is identified by ``storage_path/name``.
@@ -187,6 +188,8 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
         datasets: Ray Datasets, split across workers (``ray.train.get_dataset_shard``).
         split_datasets: False: every worker reads each dataset whole (and keeps its own rows:
             :class:`pipelines.train.data.RankRows`).
+        placement_strategy: The workers' placement group strategy (``PACK``, ``SPREAD``,
+            ``STRICT_PACK``, ``STRICT_SPREAD``).
 
     Returns:
         The run's Result (last metrics, latest checkpoint, rank 0's return value).
@@ -216,7 +219,7 @@ def launch(train_fn: Callable[[dict], Any], *, name: str, storage_path: str, num
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=placement_strategy),
         run_config=run_config,
         datasets=datasets,
         dataset_config=ingest_config(split=split_datasets),

@@ -53,7 +53,7 @@ def train_job(cfg: PipelineConfig, job: str, *, root: str, data_dir: str, out_di
               "inputs": dict(extra or {}), "whole_dataset": {"data_dir": data_dir, "columns": columns} if whole else None}
     result = launch(train_fn, name=name, storage_path=storage.join(root, "ray_results"),
                     num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker, gpus_per_worker=t.gpus_per_worker,
-                    max_failures=t.max_failures, config=config,
+                    max_failures=t.max_failures, config=config, placement_strategy=t.placement_strategy,
                     datasets=None if whole else {"train": parquet_dataset(data_dir, columns)})
     tracking.end_run(run_id, tracking=tracking.tracking_uri(root))
     summary = storage.read_json(storage.join(out_dir, "result.json"))
