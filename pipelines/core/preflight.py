@@ -276,6 +276,27 @@ def _check_tracking(root: str) -> list[Finding]:
     return []
 
 
+def _check_shared(root: str, cluster: Cluster) -> list[Finding]:
+    """On more than one node every store must be one that all nodes reach. A tracking store in
+    a file (sqlite, ``./mlruns``) exists on the driver's machine only: under ``ray job submit``
+    it lands in the job's copy of the working dir on the head (deleted with Ray's session), and
+    a Ray Train worker on another node logging by that path opens a database of its own or
+    none. A local storage root works only if every node mounts it at the same path."""
+    if len(cluster.nodes) < 2:
+        return []
+    out = []
+    user_set = "MLFLOW_TRACKING_URI" in os.environ
+    uri = os.environ["MLFLOW_TRACKING_URI"] if user_set else tracking.tracking_uri(root)
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        out.append(Finding("MLFLOW_TRACKING_URI", f"the tracking store {uri} is a file on the driver's machine, which "
+                           f"the workers on the other nodes of {cluster.where} cannot reach; set MLFLOW_TRACKING_URI "
+                           "on every node to a tracking server (infra/mlflow)"))
+    if not storage.is_remote(root):
+        out.append(Finding("storage.root", f"{root} is a local path on {cluster.where}: every node must mount it "
+                           "at that path (else give an s3:// root)", fatal=False))
+    return out
+
+
 def _check_text(ctx: StageContext, plan: list[Planned]) -> list[Finding]:
     """The encoder loads offline and is as wide as the UNet will be built."""
     from pipelines.stages.text import recorded_width
@@ -404,7 +425,7 @@ def preflight(stages: Sequence[Stage], chosen: Sequence[str], ctx: StageContext)
         if any(p.requests for p in plan):
             if not (unreachable := _check_ray_address(ctx)):
                 cluster = discover_cluster(ctx)
-                findings += _check_resources(plan, cluster)
+                findings += _check_resources(plan, cluster) + _check_shared(ctx.root, cluster)
             findings += unreachable
     return Preflight(plan, cluster, findings)
 

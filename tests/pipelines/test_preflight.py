@@ -194,3 +194,16 @@ def test_a_ray_address_nothing_listens_on_stops_at_once(tmp_path):
     assert by_key.returncode == 2 and "error: compute.ray_address: nothing answers" in by_key.stdout
     bad = _check(tmp_path, env={"RAY_ADDRESS": "not-an-address"})
     assert bad.returncode == 2 and "is not a Ray address" in bad.stdout
+
+
+def test_a_store_only_the_driver_can_reach_stops_a_multi_node_run(tmp_path, monkeypatch):
+    from pipelines.core.preflight import Cluster, _check_shared
+
+    two, one = Cluster([(1.0, 0.0), (1.0, 0.0)], "the Ray cluster (2 node(s))"), Cluster([(2.0, 0.0)], "one node")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: sqlite under the root
+    (sqlite, root), = [_check_shared(str(tmp_path), two)]
+    assert (sqlite.key, sqlite.fatal) == ("MLFLOW_TRACKING_URI", True) and "tracking server" in sqlite.message
+    assert (root.key, root.fatal) == ("storage.root", False) and "mount" in root.message
+    assert _check_shared(str(tmp_path), one) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert _check_shared("s3://bucket/store", two) == []
