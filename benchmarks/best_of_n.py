@@ -106,19 +106,29 @@ def render(args, rows, names, stage, scorer, evaluate, n_captions, out) -> str:
              f"captions; {provenance()}; jobs in {out}.", "",
              head, "|" + " --- |" * (6 + len(names) - 1)]
     for r in rows:
+        # An attribute none of the held-out clips is labelled with has no accuracy: a dash.
         lines.append(f"| {r['n']} | {r['mean_accuracy']:.3f} | {r['text_audio']:.4f} | "
-                     + " | ".join(f"{r['attributes'][a]:.3f}" for a in names)
+                     + " | ".join(_cell(r["attributes"].get(a)) for a in names)
                      + f" | {r['kept_other']} | {r['seconds_per_caption']:.2f} |")
-    real = [stage.get(f"attr/{a}/real_accuracy", float("nan")) for a in names]
-    chance = [stage.get(f"attr/{a}/chance", float("nan")) for a in names]
-    lines.append(f"| real clips | {sum(real) / len(real):.3f} | {stage.get('ref/real/text_audio', float('nan')):.4f} | "
-                 + " | ".join(f"{v:.3f}" for v in real) + " | | |")
-    lines.append(f"| chance | {sum(chance) / len(chance):.3f} | | " + " | ".join(f"{v:.3f}" for v in chance)
-                 + " | | |")
-    gen = [stage.get(f"attr/{a}/accuracy", float("nan")) for a in names]
+    real = [stage.get(f"attr/{a}/real_accuracy") for a in names]
+    chance = [stage.get(f"attr/{a}/chance") for a in names]
+    lines.append(f"| real clips | {_mean(real)} | {stage.get('ref/real/text_audio', float('nan')):.4f} | "
+                 + " | ".join(map(_cell, real)) + " | | |")
+    lines.append(f"| chance | {_mean(chance)} | | " + " | ".join(map(_cell, chance)) + " | | |")
+    gen = [stage.get(f"attr/{a}/accuracy") for a in names]
     lines += ["", f"The evaluate stage's own numbers for this model (plain generation, its seeds): mean attribute "
-                  f"accuracy {sum(gen) / len(gen):.3f}, text-audio {stage.get('eval/text_audio', float('nan')):.4f}."]
+                  f"accuracy {_mean(gen)}, text-audio {stage.get('eval/text_audio', float('nan')):.4f}."]
     return "\n".join(lines) + "\n"
+
+
+def _cell(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _mean(values: list[float | None]) -> str:
+    """The mean over the attributes that have a value (those with no held-out label have none)."""
+    known = [v for v in values if v is not None]
+    return _cell(sum(known) / len(known) if known else None)
 
 
 if __name__ == "__main__":
