@@ -13,6 +13,7 @@ from pipelines.config import PipelineConfig
 from pipelines.core import storage, tracking
 from pipelines.core.cluster import init_ray
 from pipelines.core.console import format_duration
+from pipelines.core.locks import stage_lock
 from pipelines.core.preflight import Preflight, PreflightError, preflight
 from pipelines.core.stage import Stage, StageContext, digest, read_marker, write_marker
 
@@ -191,6 +192,21 @@ def _run_or_skip(stage: Stage, stages: Sequence[Stage], chosen: list[str], ctx: 
     if marker is not None:
         print(f"{place} finished before, skipping ({out})", flush=True)
         return StageReport(stage.name, "skipped", out, info=marker)
+    # One driver at a time writes a stage (another on this storage root may be running it).
+    with stage_lock(out, place):
+        marker = read_marker(out)
+        if marker is not None and stage.done(marker, ctx):  # the other driver finished it meanwhile
+            stage_version(stage, ctx, h, marker)
+            if marker.get("run_id"):
+                ctx.run_ids[stage.name] = marker["run_id"]
+            print(f"{place} finished by another driver while this one waited, skipping ({out})", flush=True)
+            return StageReport(stage.name, "skipped", out, info=marker)
+        return _run_locked(stage, ctx, place, out, h, uri, started)
+
+
+def _run_locked(stage: Stage, ctx: StageContext, place: str, out: str, h: str, uri: str,
+                started: float) -> StageReport:
+    """Run ``stage`` into ``out`` (its lock held), then write its marker."""
     print(f"{place} running -> {out}", flush=True)
     init_ray(ctx.cfg.compute)  # only now: a run that skips everything never starts Ray
     if ctx.parent_run_id is None:
