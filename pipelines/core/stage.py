@@ -187,33 +187,37 @@ def run_shards(out_dir: str, shards: list[list[dict]], fn: Callable | type, *, l
 HOLD_ENV = "LAFMA_TEST_HOLD"
 
 
-def hold_spec(label: str) -> tuple[int, str] | None:
-    """``(n, marker)`` when ``LAFMA_TEST_HOLD=<label>:<n>:<marker file>`` names ``label``, else None.
+def hold_spec(label: str) -> tuple[int, str, str] | None:
+    """``(n, marker, release)`` when ``LAFMA_TEST_HOLD=<label>:<n>:<marker file>[:<release file>]``
+    names ``label``, else None (``release`` is "" when not given).
 
     Test-only, so a test can kill a run at a known point instead of racing a wall-clock window:
     :func:`run_shards` with that label lets exactly ``n`` shards of this run be written, then its
     tasks block forever; a training job of that stage (:func:`pipelines.core.training.maybe_hold`)
     blocks forever once it has reported its step-``n`` checkpoint. Either creates the marker file
-    (a local path) when it reaches that point.
+    (a local path) when it reaches that point. With a release file, a training job blocks only
+    until that file exists, then trains on (a test holds two runs at a point they both reach).
     """
     spec = os.environ.get(HOLD_ENV, "")
     name, _, rest = spec.partition(":")
     if not spec or name != label:
         return None
-    n, _, marker = rest.partition(":")
-    return int(n), marker
+    n, _, files = rest.partition(":")
+    marker, _, release = files.partition(":")
+    return int(n), marker, release
 
 
-def hold_forever(marker: str | None = None) -> None:
-    """Create ``marker`` (when given), then block until the process is killed (see :func:`hold_spec`)."""
+def hold_forever(marker: str | None = None, release: str = "") -> None:
+    """Create ``marker`` (when given), then block until the process is killed, or until the file
+    ``release`` exists when one is named (see :func:`hold_spec`)."""
     if marker:
         with open(marker, "w"):
             pass
-    while True:
-        time.sleep(3600)
+    while not (release and os.path.exists(release)):
+        time.sleep(0.2 if release else 3600)
 
 
-def _held(fn: Callable | type, n: int, marker: str) -> Callable | type:
+def _held(fn: Callable | type, n: int, marker: str, release: str = "") -> Callable | type:
     """``fn`` (a shard function or actor class) that lets ``n`` shards be written, then holds.
 
     Each shard takes a ticket first, a directory beside the marker (``mkdir`` is atomic), so

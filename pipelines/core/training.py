@@ -276,8 +276,9 @@ def maybe_fail(step: int, fail_at_step: int, attempt_marker_dir: str) -> None:
 
 
 def maybe_hold(label: str, step: int) -> None:
-    """Block forever once the checkpoint of ``step`` is reported, when ``LAFMA_TEST_HOLD`` names
-    ``label`` and ``step`` (test-only fault injection; :func:`pipelines.core.stage.hold_spec`).
+    """Block once the checkpoint of ``step`` is reported, forever or until the release file
+    exists, when ``LAFMA_TEST_HOLD`` names ``label`` and ``step`` (test-only fault injection;
+    :func:`pipelines.core.stage.hold_spec`).
 
     Called by every rank after :func:`save_checkpoint`. ``ray.train.report`` is a barrier, so
     every rank has reported when it returns; the workers' threads then sleep while the
@@ -287,4 +288,4 @@ def maybe_hold(label: str, step: int) -> None:
     hold = hold_spec(label)
     if hold is None or step != hold[0]:
         return
-    hold_forever(hold[1] if ray.train.get_context().get_world_rank() == 0 else None)
+    hold_forever(hold[1] if ray.train.get_context().get_world_rank() == 0 else None, release=hold[2])
