@@ -100,6 +100,8 @@ def init_ray(compute: ComputeConfig) -> None:
     if "RAY_TRAIN_ENABLE_PRINT_PATCH" not in job_env:
         env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = compute.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address == "local":  # Ray's word for a new local cluster: this one, addressed as below
+        address = None
     # A local cluster gets its dashboard (on 127.0.0.1 only): Ray Train's placement-group
     # cleaner queries the state API it serves, and warns every few seconds without it.
     local = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if address is None else {}
