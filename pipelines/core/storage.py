@@ -17,7 +17,7 @@ import posixpath
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -205,10 +205,28 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
-def write_parquet(uri: str, table: pa.Table) -> None:
+def write_parquet(uri: str, table: pa.Table, row_group_size: int | None = None) -> None:
+    """``row_group_size``: rows per row group (pyarrow's default: one group up to 1 Mi rows).
+    Small groups let a reader fetch a few rows by their statistics (:func:`read_row_groups`)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes(uri, buf.getvalue())
+
+
+def parquet_metadata(uri: str) -> pq.FileMetaData:
+    """The footer of one Parquet file (row groups, their row counts and column statistics),
+    fetched without its data."""
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata
+
+
+def read_row_groups(uri: str, groups: Sequence[int], columns: list[str] | None = None) -> pa.Table:
+    """Only the row groups ``groups`` of one Parquet file (only ``columns``): ranged reads, so
+    the rest of the file is not fetched."""
+    fs, path = fs_and_path(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read_row_groups(list(groups), columns=columns)
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:

@@ -9,6 +9,7 @@ The encoder runs in float32 on any device: T5 overflows fp16.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import time
 
@@ -23,11 +24,17 @@ from pipelines.core.stage import (
     chunk,
     rejects_table,
     run_shards,
-    write_shard,
+    shard_name,
 )
 
 SCHEMA = pa.schema([("caption_key", pa.string()), ("caption", pa.string()), ("length", pa.int32()),
                     ("dim", pa.int32()), ("emb", pa.list_(pa.float32()))])
+
+
+# Rows per Parquet row group of the text table. A reader that wants one caption fetches its
+# whole group, so this bounds the over-read (8 embeddings of FLAN-T5-Large, ~0.6 MB); smaller
+# groups cost footer bytes (~1 kB a group) and one ranged read each.
+ROW_GROUP_ROWS = 8
 
 
 def caption_key(caption: str) -> str:
@@ -58,7 +65,10 @@ class EncodeCaptions:
                 rows.append({"caption_key": caption_key(caption), "caption": caption, "length": n,
                              "dim": e.shape[-1], "emb": e[:n].flatten().numpy()})  # (n, D) -> (n·D,)
         table = arrow_table(rows, SCHEMA)
-        write_shard(self.out_dir, shard, table, rejects_table([]))
+        # write_shard's order (rejects, then the shard, which marks it done), with small row
+        # groups: the latents stage fetches a clip's embeddings by them (EmbeddingLookup).
+        storage.write_parquet(storage.join(self.out_dir, "rejects", shard_name(shard)), rejects_table([]))
+        storage.write_parquet(storage.join(self.out_dir, shard_name(shard)), table, row_group_size=ROW_GROUP_ROWS)
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}
 
 
@@ -115,3 +125,66 @@ def recorded_width(text_dir: str) -> int:
     """The embedding width D the text stage wrote (every row of a stage has the same)."""
     first = storage.list_files(text_dir, ".parquet")[0]
     return int(storage.read_parquet_file(first, ["dim"]).column("dim")[0].as_py())
+
+
+class EmbeddingLookup:
+    """The text table's rows for a given set of captions, read without loading the table.
+
+    The text stage writes captions sorted (in and across its shards) in small row groups, so
+    the footers' min/max ``caption`` statistics cut the table into disjoint, ordered ranges:
+    each caption is in the one group whose range holds it, found by bisection, and only those
+    groups are read. Held in memory: two captions per group (about a quarter of the keys, none
+    of the embeddings); read per call: at most ``ROW_GROUP_ROWS`` rows per caption asked for.
+    A table written before the row groups were small (one group a shard) still reads, a whole
+    shard per caption's group.
+    """
+
+    COLUMNS = ["caption_key", "caption", "emb", "length"]
+
+    def __init__(self, text_dir: str):
+        groups = []  # (min caption, max caption, file, row group)
+        for uri in storage.list_files(text_dir, ".parquet"):
+            meta = storage.parquet_metadata(uri)
+            col = meta.schema.to_arrow_schema().get_field_index("caption")
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(col).statistics
+                if stats is not None and stats.has_min_max:
+                    low, high = stats.min, stats.max
+                else:  # no statistics written (a caption past the writer's size limit): read the keys
+                    names = storage.read_row_groups(uri, [g], ["caption"]).column("caption").to_pylist()
+                    low, high = min(names), max(names)
+                groups.append((low, high, uri, g))
+        groups.sort()
+        for (_, high, uri, g), (low, *_rest) in zip(groups, groups[1:]):
+            if high >= low:  # ranges overlap: the table is not sorted as the text stage writes it
+                raise ValueError(f"text table {text_dir}: row group {g} of {uri} overlaps the next; "
+                                 "its captions are not sorted across shards")
+        self.lows = [g[0] for g in groups]
+        self.groups = groups
+
+    def rows(self, captions: list[str]) -> dict[str, tuple]:
+        """``{caption_key: (emb (L·D,) float32, L)}`` for ``captions``; a caption the table does
+        not hold raises KeyError (the text stage encodes every caption of the manifest)."""
+        import numpy as np
+
+        wanted: dict[tuple[str, int], set[str]] = {}
+        for caption in set(captions):
+            i = bisect.bisect_right(self.lows, caption) - 1
+            if i < 0 or caption > self.groups[i][1]:
+                raise KeyError(f"caption {caption!r} is not in the text table")
+            wanted.setdefault(self.groups[i][2:], set()).add(caption_key(caption))
+        out: dict[str, tuple] = {}
+        by_file: dict[str, list[int]] = {}
+        for uri, g in sorted(wanted):
+            by_file.setdefault(uri, []).append(g)
+        keys = set().union(*wanted.values()) if wanted else set()
+        for uri, gs in by_file.items():
+            table = storage.read_row_groups(uri, gs, self.COLUMNS)
+            for key, emb, n in zip(table.column("caption_key").to_pylist(),
+                                   table.column("emb").to_numpy(zero_copy_only=False),
+                                   table.column("length").to_pylist()):
+                if key in keys:
+                    out[key] = (np.asarray(emb, np.float32), n)
+        if missing := keys - out.keys():
+            raise KeyError(f"{len(missing)} caption(s) not in the text table, e.g. {sorted(missing)[0]}")
+        return out

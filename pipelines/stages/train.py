@@ -19,7 +19,7 @@ from pipelines.core.stage import (
     run_shards,
     write_shard,
 )
-from pipelines.stages.text import caption_key, encoder_actors, recorded_width
+from pipelines.stages.text import EmbeddingLookup, caption_key, encoder_actors, recorded_width
 from pipelines.train.jobs import JOBS, JobSpec
 
 if TYPE_CHECKING:
@@ -218,8 +218,11 @@ class TrainVocoderStage(_TrainStage):
 
 class EncodeLatents:
     """Actor: the trained VAE's posterior for each clip, one row per (clip, caption) with the
-    caption's embedding, so the LFM reads one table. The text table is loaded whole: fine up to
-    a few GB of embeddings (AudioCaps with FLAN-T5-Large is ~3 GB); larger needs a Ray Data join."""
+    caption's embedding, so the LFM reads one table.
+
+    Each shard fetches only its own captions' embeddings (:class:`EmbeddingLookup`): an actor's
+    memory is one shard's, whatever the size of the text table (AudioCaps with FLAN-T5-Large
+    is ~3 GB of embeddings, which every actor used to load whole)."""
 
     def __init__(self, cfg: dict, vae_weights: str, text_dir: str, out_dir: str, batch_size: int = 16):
         import torch
@@ -233,9 +236,7 @@ class EncodeLatents:
         self.vae = build_vae(self.cfg)
         self.vae.load_state_dict(load_weights(vae_weights))
         self.vae = self.vae.to(self.device).eval()
-        text = storage.read_parquet_dir(text_dir, columns=["caption_key", "emb", "length"])
-        self.text = {k: (e, n) for k, e, n in zip(*(text.column(c).to_numpy(zero_copy_only=False)
-                                                   for c in ("caption_key", "emb", "length")))}
+        self.text = EmbeddingLookup(text_dir)
         self.out_dir, self.batch_size = out_dir, batch_size
 
     def __call__(self, batch: pa.Table) -> dict:
@@ -245,13 +246,16 @@ class EncodeLatents:
         shard = int(batch.column("shard")[0].as_py())
         uri = batch.column("rows")[0].as_py()[0]["file"]
         clips = storage.read_parquet_file(uri, ["id", "captions", "split", "mel", "n_mels", "frames", "valid_samples"])
-        records = clips.to_pylist()
+        # The mels as one numpy view, not Python lists (to_pylist made 65 k floats a 10 s clip).
+        records = clips.drop_columns(["mel"]).to_pylist()
+        # Every clip of a stage has the same (n_mels, frames): one (N, n_mels, T) array.
+        mels = clips.column("mel").combine_chunks().flatten().to_numpy().reshape(
+            len(records), records[0]["n_mels"], records[0]["frames"]) if records else None  # (N·n_mels·T,) -> (N, n_mels, T)
+        text = self.text.rows([c for r in records for c in r["captions"]])
         rows = []
         for start in range(0, len(records), self.batch_size):
             part = records[start : start + self.batch_size]
-            # Every clip of a stage has the same (n_mels, frames): encode them as one batch.
-            mel = torch.from_numpy(np.stack([np.asarray(r["mel"], np.float32) for r in part]))
-            mel = mel.reshape(len(part), part[0]["n_mels"], part[0]["frames"])  # (B, n_mels·T) -> (B, n_mels, T)
+            mel = torch.from_numpy(np.array(mels[start : start + len(part)], np.float32))  # a writable copy
             with torch.no_grad():
                 post = self.vae.encode(mel.to(self.device))
             channels, frames, bins = post.mean.shape[1:]
@@ -262,10 +266,10 @@ class EncodeLatents:
             for r, mean, logvar, n_valid in zip(part, means, logvars, valid):
                 for caption in r["captions"]:
                     key = caption_key(caption)
-                    emb, n = self.text[key]
+                    emb, n = text[key]
                     rows.append({"id": r["id"], "caption": caption, "caption_key": key, "split": r["split"],
                                  "mean": mean, "logvar": logvar, "latent_channels": channels,
-                                 "latent_frames": frames, "latent_bins": bins, "emb": np.asarray(emb), "length": n,
+                                 "latent_frames": frames, "latent_bins": bins, "emb": emb, "length": n,
                                  "valid_frames": n_valid})
         write_shard(self.out_dir, shard, arrow_table(rows, LATENT_SCHEMA), rejects_table([]))
         return {"shard": [shard], "rows_out": [len(rows)], "rejected": [0]}

@@ -378,7 +378,8 @@ def test_the_latents_stage_writes_each_clips_real_latent_frames(tmp_path):
     export_weights(build_vae(cfg).state_dict(), cfg, str(tmp_path / "vae"), "vae")
     emb = np.zeros(4 * cfg.context_dim, np.float32)
     storage.write_parquet(str(tmp_path / "text" / "shard-00000.parquet"),
-                          pa.table({"caption_key": [caption_key("a dog")], "emb": [emb], "length": [4]}))
+                          pa.table({"caption_key": [caption_key("a dog")], "caption": ["a dog"], "emb": [emb],
+                                    "length": [4]}))
     valid = [cfg.clip_samples, 10 * HOP + 1]  # a full clip, and one of 11 mel frames -> 3 latent frames
     clips = [{"id": f"c{i}", "source_id": f"c{i}", "segment": 0, "audio_uri": "", "caption": "a dog",
               "captions": ["a dog"], "split": "train", "attributes": "", "valid_samples": v,
