@@ -43,7 +43,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.audiocaps_like import write_corpus  # noqa: E402
+from benchmarks.audiocaps_like import captions_for, write_corpus  # noqa: E402
 from pipelines.config import load_pipeline_config  # noqa: E402
 from pipelines.core import storage  # noqa: E402
 from pipelines.core.cluster import init_ray  # noqa: E402
@@ -199,6 +199,68 @@ def report(sizes: list[int], results: dict[int, dict[str, tuple]]) -> None:
                   f"{p.driver / p0.driver:>11.2f}{p.worker / max(p0.worker, 1):>11.2f}")
 
 
+def write_text_table(out: Path, captions: int, tokens: int = 16, dim: int = 1024, seed: int = 0) -> list[str]:
+    """A text stage's table of ``captions`` random (tokens x dim) embeddings, laid out as the
+    stage lays it out (sorted captions, ``4 x 32`` to a shard, small row groups); returns the captions."""
+    import numpy as np
+
+    from pipelines.core.stage import arrow_table, chunk, shard_name
+    from pipelines.stages.text import ROW_GROUP_ROWS, SCHEMA
+
+    rng = np.random.default_rng(seed)
+    names = sorted({f"{c} ({i})" for i, c in enumerate(captions_for(rng, captions))} | {""})
+    for i, part in enumerate(chunk(names, 4 * 32)):
+        rows = [{"caption_key": caption_key(c), "caption": c, "length": tokens, "dim": dim,
+                 "emb": rng.standard_normal(tokens * dim, dtype=np.float32)} for c in part]
+        storage.write_parquet(str(out / shard_name(i)), arrow_table(rows, SCHEMA), row_group_size=ROW_GROUP_ROWS)
+    return names
+
+
+def lookup_cost(text_dir: str, kind: str, shard_captions: int = 192) -> None:
+    """Run in a fresh process: peak RSS (ru_maxrss) of building ``kind``'s lookup and serving
+    one shard's captions (64 clips x 3), and the seconds each takes; prints one JSON line."""
+    import json
+    import random
+    import resource
+
+    from pipelines.stages.text import EmbeddingLookup
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    lookup = WholeTable(text_dir) if kind == "whole" else EmbeddingLookup(text_dir)
+    t1 = time.perf_counter()
+    names = [c for c in storage.read_parquet_dir(text_dir, ["caption"]).column("caption").to_pylist() if c]
+    want = random.Random(0).sample(names, min(shard_captions, len(names)))
+    t2 = time.perf_counter()
+    got = lookup.rows(want)
+    t3 = time.perf_counter()
+    assert len(got) == len(set(want))
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # kB on Linux
+    print(json.dumps({"kind": kind, "peak_mb": grown / 1024, "init_s": t1 - t0, "shard_s": t3 - t2}))
+
+
+def table_only(sizes: list[int], work: Path) -> None:
+    """``--table-only``: the latents actor's text lookup alone, old against new, for each N
+    (three captions a clip, 16 tokens x 1024 each: FLAN-T5-Large's width at AudioCaps' length)."""
+    import json
+    import subprocess
+
+    print(f"{'N':>6}{'captions':>10}{'table MB':>10}{'lookup':>8}{'peak MB':>9}{'init s':>8}{'shard s':>9}")
+    for n in sizes:
+        out = work / f"text{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        names = write_text_table(out, 3 * n)
+        size = sum(f.stat().st_size for f in out.glob("*.parquet")) / MB
+        for kind in ("whole", "lookup"):
+            code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.data_scale import lookup_cost; "
+                    f"lookup_cost({str(out)!r}, {kind!r})")
+            r = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                          text=True).stdout.strip().splitlines()[-1])
+            print(f"{n:>6}{len(names):>10}{size:>10.0f}{kind:>8}{r['peak_mb']:>9.0f}{r['init_s']:>8.2f}{r['shard_s']:>9.3f}",
+                  flush=True)
+        shutil.rmtree(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 4000])
@@ -209,9 +271,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=32, help="clips of the unreported warm-up run")
     p.add_argument("--keep", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--table-only", action="store_true",
+                   help="measure only the latents actor's text lookup, old against new, on synthetic tables")
     args = p.parse_args()
     os.environ.setdefault("LAFMA_PROGRESS", "0")
     sizes = sorted(args.sizes)
+    if args.table_only:
+        return table_only(sizes, args.work)
     cfg = load_pipeline_config(args.config, [*OVERRIDES, *args.overrides])
     overrides = [f"vae.pretrained={random_vae(cfg, args.work / 'vae')}", *args.overrides]
     init_ray(cfg.compute)

@@ -183,8 +183,8 @@ class EmbeddingLookup:
             for key, emb, n in zip(table.column("caption_key").to_pylist(),
                                    table.column("emb").to_numpy(zero_copy_only=False),
                                    table.column("length").to_pylist()):
-                if key in keys:
-                    out[key] = (np.asarray(emb, np.float32), n)
+                if key in keys:  # a copy: a view would keep the whole row groups' buffers alive
+                    out[key] = (np.array(emb, np.float32), n)
         if missing := keys - out.keys():
             raise KeyError(f"{len(missing)} caption(s) not in the text table, e.g. {sorted(missing)[0]}")
         return out
