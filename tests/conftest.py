@@ -65,11 +65,21 @@ def trained(ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint):
+    """The session's local Ray, started as the pipeline starts one (:func:`init_ray`): addressed
+    by its own RAY_ADDRESS, so its Train jobs' placement-group cleaner never asks another cluster
+    on the machine (a pipeline a test runs as a subprocess, the two-node test's nodes, a second
+    test session) and never finds several ("Found multiple active Ray instances")."""
     import ray
 
+    from pipelines.config import ComputeConfig
+    from pipelines.core.cluster import init_ray
+
     os.environ.setdefault("LAFMA_PROGRESS", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray(ComputeConfig())
+    # Its workers and actors have the address through the runtime env. Not this process's
+    # environment: the pipelines tests start as subprocesses inherit it, and must start their
+    # own local clusters, as on a laptop, not join this one.
+    os.environ.pop("RAY_ADDRESS", None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
