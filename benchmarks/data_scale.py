@@ -217,26 +217,26 @@ def write_text_table(out: Path, captions: int, tokens: int = 16, dim: int = 1024
 
 
 def lookup_cost(text_dir: str, kind: str, shard_captions: int = 192) -> None:
-    """Run in a fresh process: peak RSS (ru_maxrss) of building ``kind``'s lookup and serving
-    one shard's captions (64 clips x 3), and the seconds each takes; prints one JSON line."""
+    """Run in a fresh process: how far RSS rises above where it started (sampled every 0.2 s
+    and at the ends, :class:`MemorySampler`) while ``kind``'s lookup is built and serves one
+    shard's captions (64 clips x 3), and the seconds each takes; prints one JSON line."""
     import json
     import random
-    import resource
 
     from pipelines.stages.text import EmbeddingLookup
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    lookup = WholeTable(text_dir) if kind == "whole" else EmbeddingLookup(text_dir)
-    t1 = time.perf_counter()
     names = [c for c in storage.read_parquet_dir(text_dir, ["caption"]).column("caption").to_pylist() if c]
     want = random.Random(0).sample(names, min(shard_captions, len(names)))
-    t2 = time.perf_counter()
-    got = lookup.rows(want)
-    t3 = time.perf_counter()
+    del names
+    start = psutil.Process().memory_info().rss
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        lookup = WholeTable(text_dir) if kind == "whole" else EmbeddingLookup(text_dir)
+        t1 = time.perf_counter()
+        got = lookup.rows(want)
+        t2 = time.perf_counter()
     assert len(got) == len(set(want))
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # kB on Linux
-    print(json.dumps({"kind": kind, "peak_mb": grown / 1024, "init_s": t1 - t0, "shard_s": t3 - t2}))
+    print(json.dumps({"kind": kind, "peak_mb": (mem.peak.driver - start) / MB, "init_s": t1 - t0, "shard_s": t2 - t1}))
 
 
 def table_only(sizes: list[int], work: Path) -> None:
