@@ -36,19 +36,20 @@ STAGES = ["ingest", "audio", "text", "train_vae", "train_vocoder", "latents", "t
           "promote", "generate"]
 
 
-def write_t5_large_shaped(path: Path, seed: int = 0) -> Path:
+def write_t5_large_shaped(path: Path, seed: int = 0, num_layers: int = 24) -> Path:
     """A T5 encoder in google/flan-t5-large's published shape, randomly initialised, saved with
     ``save_pretrained`` beside a byte-level tokenizer (ids < 384, inside T5's vocabulary).
 
     Shape from flan-t5-large's config.json: d_model 1024, 24 layers, 16 heads of 64, gated-GELU
     feed-forward of 2816, 32 relative-position buckets up to distance 128, vocabulary 32 128.
+    ``num_layers`` shortens it (the test's shortened rehearsal) at the same width.
     """
     import torch
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
     if (path / "config.json").is_file():
         return path
-    config = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_heads=16,
+    config = T5Config(vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=num_layers, num_heads=16,
                       feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
                       relative_attention_max_distance=128, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
     torch.manual_seed(seed)
