@@ -243,9 +243,11 @@ def log_generations(ctx: StageContext, out_dir: str, limit: int = 8) -> None:
     import soundfile as sf
 
     from lafma.audio.mel import MelSpectrogram
-    from pipelines.core.tracking import RunLogger, mel_image
+    from pipelines.core.tracking import RunLogger, mel_image, tracking_uri
 
-    logger = RunLogger(ctx.run_ids.get("generate"), tracking=None)
+    # The root's store, named: mlflow's current URI is that store only once an earlier stage in
+    # this process set it; `run_all.py --only generate` set none and looked for the run elsewhere.
+    logger = RunLogger(ctx.run_ids.get("generate"), tracking=tracking_uri(ctx.root))
     if not logger.enabled:
         return
     manifest = storage.read_parquet_file(storage.join(out_dir, "manifest.parquet")).to_pylist()
