@@ -43,7 +43,8 @@ ui: $(STAMP)
 # `pytest -m ... -p randomly --randomly-seed=N` one pass. Three passes, all must pass:
 #   1. the fast tests (-m "not slow": no Ray, no training; minutes), seed SEED;
 #   2. the slow ones (-m slow: the session's Ray, the shared trained store, DeepSpeed jobs,
-#      subprocess pipeline runs; ~40 min on 2 cores), seed SEED;
+#      subprocess pipeline runs, the full-width rehearsal; ~60 min on 2 cores), seed SEED,
+#      printing its 20 slowest tests (where CI's time goes);
 #   3. the fast tests again, seed SEED + 1: a second order, where order dependence shows up.
 # 1 + 2 are the whole suite once; a second whole pass would not fit CI's 90 minutes.
 # pytest alone (`.venv/bin/python -m pytest`) still runs everything, in a random order.
@@ -55,7 +56,7 @@ PYTEST := $(BIN)/python -m pytest -p no:cacheprovider -p randomly
 
 test: $(STAMP)
 	$(PYTEST) -m "not slow" --randomly-seed=$(SEED)
-	$(PYTEST) -m slow --randomly-seed=$(SEED)
+	$(PYTEST) -m slow --randomly-seed=$(SEED) --durations=20
 	$(PYTEST) -m "not slow" --randomly-seed=$$(($(SEED) + 1))
 
 lint: $(STAMP)
