@@ -39,8 +39,8 @@ def millions(path: Path) -> float:
 
 def test_the_paper_widths_run_the_whole_dag_on_a_cpu(ray_local, tmp_path):
     from pipelines.config import load_pipeline_config
+    from pipelines.core import tracking
     from pipelines.core.dag import run_dag
-    from pipelines.core.tracking import tracking_uri
     from pipelines.stages import STAGES as DAG
 
     encoder = write_t5_large_shaped(tmp_path / "t5-large-shaped", num_layers=2)
@@ -55,16 +55,12 @@ def test_the_paper_widths_run_the_whole_dag_on_a_cpu(ray_local, tmp_path):
     reports = {r.name: r for r in run_dag(cfg, DAG, until="promote")}
     # A fresh process's mlflow points at no store of ours (its default is ./mlflow.db; here, one
     # elsewhere) and has no MLFLOW_TRACKING_URI: run the generate stage alone like that.
-    uri_before, env_before = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it; a fresh process has none
+    before = mlflow.get_tracking_uri()
+    tracking.configure(cfg.storage.root, uri=f"sqlite:///{tmp_path / 'elsewhere.db'}")  # exports no env var
     try:
         reports["generate"] = next(r for r in run_dag(cfg, DAG, only=["generate"]) if r.name == "generate")
     finally:
-        mlflow.set_tracking_uri(uri_before)
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-        if env_before is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
+        tracking.configure(cfg.storage.root, uri=before)
 
     assert [n for n in STAGES if reports[n].status != "ran"] == []
     # Paper widths: what was trained and exported is the full-size model, not a demo one.
@@ -90,7 +86,7 @@ def test_the_paper_widths_run_the_whole_dag_on_a_cpu(ray_local, tmp_path):
     for wav in wavs:
         audio, sr = sf.read(wav)
         assert len(audio) == round(1.28 * sr) and np.isfinite(audio).all()
-    client = MlflowClient(tracking_uri(str(tmp_path / "store")))
+    client = MlflowClient(tracking.tracking_uri(cfg.storage.root))
     logged = [a.path for a in client.list_artifacts(gen.info["run_id"], "generated")]
     assert "generated/spectrograms.png" in logged and sum(p.endswith(".wav") for p in logged) == len(wavs)
     # Full-size checkpoints and bundles: ~11 GB that pytest would keep for its last three runs.
