@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: install demo ui test lint format describe clean
+.PHONY: install lock demo ui test lint format describe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,24 @@ $(BIN)/python:
 # aisfx: the sound-effects embedding CNN (weights inside) that evaluation uses offline;
 # pinned because its version names the metric scale.
 NO_DEPS := "tinysoundfont>=0.3" "aisfx==0.1.2"
+# Exact versions (see its header); `make install CONSTRAINTS=` resolves from pyproject alone.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps $(NO_DEPS)
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/pip install --quiet $(PIP_C) -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps $(PIP_C) $(NO_DEPS)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve constraints.txt from pyproject.toml's ranges in a scratch venv (Python 3.11).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet -e ".[dev]" && .lock-venv/bin/pip install --quiet --no-deps $(NO_DEPS)
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 # The whole pipeline on the built-in demo corpus (configs/demo.yaml); outputs under .lafma/.
 # Progress bars on a terminal, progress lines in a log (LAFMA_PROGRESS=1 or 0 forces bars on or off).

@@ -232,6 +232,31 @@ def test_dockerfile_installs_exactly_the_pyproject_pins():
         )
 
 
+def test_constraints_lock_every_requirement_inside_pyprojects_ranges():
+    """constraints.txt (what `make install` installs) pins every requirement of the project and
+    its dev extra, and every pin lies inside pyproject's range: a lock that drifted from
+    pyproject.toml, or a range tightened without re-locking, fails here instead of at install."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            lock[canonicalize_name(name)] = version
+    project = _pyproject()["project"]
+    env = {"python_version": "3.11", "extra": "dev"}
+    for spec in map(Requirement, project["dependencies"] + project["optional-dependencies"]["dev"]):
+        if spec.marker and not spec.marker.evaluate(env):
+            continue
+        name = canonicalize_name(spec.name)
+        assert name in lock, f"constraints.txt does not pin {spec.name}"
+        assert spec.specifier.contains(lock[name], prereleases=True), (
+            f"constraints.txt pins {spec.name}=={lock[name]} outside pyproject's {spec}"
+        )
+    assert lock["mlflow"] == _mlflow_server_pin(), "clients and the tracking server differ"
+
+
 def test_dockerignore_keeps_local_state_out():
     patterns = {
         line.strip()
