@@ -179,6 +179,9 @@ class Probe:
         self.events.append((name, time.perf_counter()))
 
     def attach(self, *, text_encoder, unet, vae, vocoder) -> None:
+        """Hook each module once: both pipelines share the vocoder (a second pair of hooks on it
+        would mark every span twice)."""
+        self.hooked = getattr(self, "hooked", set())
         def unet_pre(*_):
             self.unet_calls += 1
             if self.unet_calls == 1:  # the loop starts here; later calls are only counted
@@ -187,8 +190,10 @@ class Probe:
         text_encoder.register_forward_pre_hook(lambda *_: self.mark("text+"))
         text_encoder.register_forward_hook(lambda *_: self.mark("text-"))
         unet.register_forward_pre_hook(unet_pre)
-        vocoder.register_forward_pre_hook(lambda *_: self.mark("vocoder+"))
-        vocoder.register_forward_hook(lambda *_: self.mark("vocoder-"))
+        if id(vocoder) not in self.hooked:
+            self.hooked.add(id(vocoder))
+            vocoder.register_forward_pre_hook(lambda *_: self.mark("vocoder+"))
+            vocoder.register_forward_hook(lambda *_: self.mark("vocoder-"))
         decode = vae.decode
 
         def timed_decode(*a, **k):
@@ -210,8 +215,11 @@ class Probe:
             t.setdefault(name, []).append(when)
         out = {"total": t["end"][0] - t["start"][0],
                "text": sum(b - a for a, b in zip(t.get("text+", []), t.get("text-", []))),
-               "loop": t["decode+"][0] - t["loop"][0], "decode": t["decode-"][0] - t["decode+"][0],
-               "vocoder": t["vocoder-"][-1] - t["vocoder+"][0], "unet_calls": self.unet_calls}
+               # Decoded and vocoded in chunks (LafmaPipeline.decode_batch): each stage is the
+               # sum of its spans, the loop ends where the first decode starts.
+               "loop": t["decode+"][0] - t["loop"][0],
+               "decode": sum(b - a for a, b in zip(t["decode+"], t["decode-"])),
+               "vocoder": sum(b - a for a, b in zip(t["vocoder+"], t["vocoder-"])), "unet_calls": self.unet_calls}
         out["other"] = out["total"] - sum(out[k] for k in STAGES[:-1])
         return out
 
@@ -318,6 +326,8 @@ def main() -> None:  # noqa: C901 (one straight script: set up, time, report)
     p.add_argument("--warmup-steps", type=int, default=2, help="DDIM steps of the baseline's warm-up call")
     p.add_argument("--no-compile", action="store_true", help="cuda: skip torch.compile")
     p.add_argument("--fp32", action="store_true", help="cuda: skip bf16 autocast")
+    p.add_argument("--decode-batch", type=int, default=0,
+                   help="ours: latents decoded and vocoded at a time (LafmaPipeline.decode_batch); 0: its default")
     p.add_argument("--out", default="", help="write the results here: .md (a table) or .json")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
@@ -332,6 +342,7 @@ def main() -> None:  # noqa: C901 (one straight script: set up, time, report)
     imports["transformers"] = time.perf_counter() - start
     start = time.perf_counter()
     from lafma.models import build_pipeline
+    from lafma.pipeline import CPU_DECODE_BATCH
     from pipelines.config import load_pipeline_config
     imports["lafma"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -358,6 +369,7 @@ def main() -> None:  # noqa: C901 (one straight script: set up, time, report)
     start = time.perf_counter()
     torch.manual_seed(0)
     ours = build_pipeline(cfg).to(device)
+    ours.decode_batch = args.decode_batch or None
     build["ours"] = time.perf_counter() - start
     start = time.perf_counter()
     baseline = build_baseline(cfg, ours, device)
@@ -437,6 +449,7 @@ def main() -> None:  # noqa: C901 (one straight script: set up, time, report)
         "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
         "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides, "clip_seconds": duration,
+        "decode_batch": ours.decode_batch or (CPU_DECODE_BATCH if device.type == "cpu" else "the whole batch"),
         "latent": list(ours.latent_shape(duration)), "guidance": w, "repeats": args.repeats,
         "baseline_steps_run": args.baseline_steps, "baseline_loop_scaled_to_200": scaled,
         "unet": cost, "rows": rows, "ratios": ratios, "fixed_costs": fixed,
@@ -455,7 +468,8 @@ def markdown(r: dict) -> str:
              f"{r['date']}, {r['machine']}, {r['device']} ({r['threads']} threads), {r['precision']}, "
              f"torch.compile {'on' if r['torch_compile'] else 'off'}; torch {r['torch']}, diffusers {r['diffusers']}, "
              f"commit {r['commit']}; config {r['config']} {' '.join(r['overrides'])}: {r['clip_seconds']} s clips, "
-             f"latent {'x'.join(map(str, r['latent']))}, guidance {r['guidance']}; medians of {r['repeats']} rounds; "
+             f"latent {'x'.join(map(str, r['latent']))}, guidance {r['guidance']}, "
+             f"decoded {r.get('decode_batch', 'the whole batch')} at a time; medians of {r['repeats']} rounds; "
              f"1-min load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end.", ""]
     u = r["unet"]
     lines += [f"UNets (one guided call, batch 2): ours {u['ours']['params_m']} M parameters, "

@@ -13,6 +13,10 @@ from torch import Tensor, nn
 from lafma.config import MAX_DURATION_SECONDS, MelConfig
 from lafma.flow import ClassifierFreeGuidance, Solution, solve
 
+# Latents a CPU decodes and vocodes at a time (LafmaPipeline.decode): measured on 2 cores,
+# benchmarks/results/generate_cpu2.md.
+CPU_DECODE_BATCH = 4
+
 
 def sample_latents(velocity: Callable[..., Tensor], noise: Tensor, context: Tensor, context_mask: Tensor, *,
                    guidance: float, null_condition: tuple[Tensor, Tensor] | None = None, solver: str = "euler",
@@ -97,6 +101,8 @@ class LafmaPipeline(nn.Module):
             ``takes_duration``) is given each call's duration and knows no longer clip than it
             was trained on: its pipeline sets this to that length
             (:attr:`lafma.config.LafmaConfig.max_duration`).
+        decode_batch: latents decoded and vocoded this many at a time after sampling; None:
+            :data:`CPU_DECODE_BATCH` on a CPU, the whole batch on an accelerator.
     """
 
     def __init__(self, *, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, vocoder: nn.Module,
@@ -105,7 +111,7 @@ class LafmaPipeline(nn.Module):
                  guidance: float = 3.0, duration: float = 10.24, peak_normalize: bool = True,
                  rtol: float = 1e-4, atol: float = 1e-4, peak: float = 0.95, grid: str = "uniform",
                  null_caption: str = "masked", mel: MelConfig | None = None, sigma_min: float = 0.0,
-                 max_duration: float | None = None):
+                 max_duration: float | None = None, decode_batch: int | None = None):
         super().__init__()
         self.text_encoder, self.unet, self.vae, self.vocoder = text_encoder, unet, vae, vocoder
         self.sample_rate, self.hop_length, self.n_mels = sample_rate, hop_length, n_mels
@@ -119,6 +125,9 @@ class LafmaPipeline(nn.Module):
         # the flow path's sigma_min. A config, not a submodule: the pipeline's state stays its models'.
         self.mel_config, self.sigma_min = mel, sigma_min
         self.max_duration = max_duration
+        if decode_batch is not None and decode_batch < 1:
+            raise ValueError(f"decode_batch must be >= 1, got {decode_batch}")
+        self.decode_batch = decode_batch
 
     @property
     def device(self) -> torch.device:
@@ -152,6 +161,20 @@ class LafmaPipeline(nn.Module):
                 torch.manual_seed(int(seed))
                 out.append(self.vocoder(m[None])[0])
         return torch.stack(out)
+
+    def decode(self, latents: Tensor, seeds: Sequence[int]) -> Tensor:
+        """Sampled latents (B, C, T', F') → waveforms (B, T · hop), :attr:`decode_batch` at a time.
+
+        Unlike the sampling loop, decoding and vocoding gain nothing from a large batch on a
+        CPU: their activations outgrow the caches, and Griffin-Lim's FFTs are the same work a
+        clip at any batch size (benchmarks/results/generate_cpu2.md). Each item's audio is its
+        own either way (every layer is per item, the vocoder's phase comes from its seed)."""
+        n = self.decode_batch or (CPU_DECODE_BATCH if latents.device.type == "cpu" else len(latents))
+        out = []
+        for i in range(0, len(latents), n):
+            mel = self.vae.decode(latents[i : i + n] / self.scale_factor)  # (b, n_mels, T)
+            out.append(self.vocode(mel, seeds[i : i + n]))
+        return torch.cat(out)
 
     def null_condition(self, mask: Tensor) -> tuple[Tensor, Tensor]:
         """The unconditional input for captions with token mask (B, L): the empty caption's
@@ -286,8 +309,7 @@ class LafmaPipeline(nn.Module):
             sol = sample_latents(self.unet, x_start, context, mask, guidance=guidance, null_condition=null,
                                  solver=solver, steps=steps, rtol=self.rtol, atol=self.atol, grid=grid, t0=t0,
                                  project=project, duration=seconds)
-        mel = self.vae.decode(sol.x / self.scale_factor)  # (B, n_mels, T)
-        audio = self.vocode(mel, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
+        audio = self.decode(sol.x, seeds)[:, : round(duration * self.sample_rate)]  # (B, N)
         if self.peak_normalize:
             # The paper peak-normalises its outputs; the floor keeps silence silent.
             peak = audio.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
