@@ -37,7 +37,7 @@ lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
 	.lock-venv/bin/pip install --quiet -e ".[dev]" && .lock-venv/bin/pip install --quiet --no-deps $(NO_DEPS)
-	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	{ awk '!/^#/ {exit} {print}' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^#'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 # The whole pipeline on the built-in demo corpus (configs/demo.yaml); outputs under .lafma/.
