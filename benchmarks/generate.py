@@ -173,6 +173,7 @@ class Probe:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.events: list[tuple[str, float]] = []
         self.unet_calls = 0
+        self.hooked: set[int] = set()  # id() of the modules already hooked (attach)
 
     def mark(self, name: str) -> None:
         self.sync()
@@ -181,7 +182,6 @@ class Probe:
     def attach(self, *, text_encoder, unet, vae, vocoder) -> None:
         """Hook each module once: both pipelines share the vocoder (a second pair of hooks on it
         would mark every span twice)."""
-        self.hooked = getattr(self, "hooked", set())
         def unet_pre(*_):
             self.unet_calls += 1
             if self.unet_calls == 1:  # the loop starts here; later calls are only counted
@@ -342,7 +342,6 @@ def main() -> None:  # noqa: C901 (one straight script: set up, time, report)
     imports["transformers"] = time.perf_counter() - start
     start = time.perf_counter()
     from lafma.models import build_pipeline
-    from lafma.pipeline import CPU_DECODE_BATCH
     from pipelines.config import load_pipeline_config
     imports["lafma"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -449,7 +448,7 @@ def main() -> None:  # noqa: C901 (one straight script: set up, time, report)
         "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
         "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides, "clip_seconds": duration,
-        "decode_batch": ours.decode_batch or (CPU_DECODE_BATCH if device.type == "cpu" else "the whole batch"),
+        "decode_batch": ours.decode_chunk(device) or "the whole batch",
         "latent": list(ours.latent_shape(duration)), "guidance": w, "repeats": args.repeats,
         "baseline_steps_run": args.baseline_steps, "baseline_loop_scaled_to_200": scaled,
         "unet": cost, "rows": rows, "ratios": ratios, "fixed_costs": fixed,
@@ -469,7 +468,7 @@ def markdown(r: dict) -> str:
              f"torch.compile {'on' if r['torch_compile'] else 'off'}; torch {r['torch']}, diffusers {r['diffusers']}, "
              f"commit {r['commit']}; config {r['config']} {' '.join(r['overrides'])}: {r['clip_seconds']} s clips, "
              f"latent {'x'.join(map(str, r['latent']))}, guidance {r['guidance']}, "
-             f"decoded {r.get('decode_batch', 'the whole batch')} at a time; medians of {r['repeats']} rounds; "
+             f"decoded {r['decode_batch']} at a time; medians of {r['repeats']} rounds; "
              f"1-min load average {r['load_average'][0]} at the start, {r['load_average'][1]} at the end.", ""]
     u = r["unet"]
     lines += [f"UNets (one guided call, batch 2): ours {u['ours']['params_m']} M parameters, "

@@ -43,15 +43,16 @@ def main() -> None:
     root = Path(args.root)
     unet_path = args.unet or f"{stage_dir(root, 'train_lfm')}/unet.safetensors"
     latent_std = storage.read_json(f"{stage_dir(root, 'latents')}/_SUCCESS.json")["latent_std"]
+    unet = build_unet(load_pipeline_config(args.config))  # sampling settings do not change the network
+    unet.load_state_dict(load_file(unet_path))
+    unet.eval()
     for setting in args.settings:
         guidance, steps = setting.split(",")
         cfg = load_pipeline_config(args.config, [f"sampler.guidance={guidance}", f"sampler.steps={steps}"])
         # The package stage's scale: the latents stage measured it (vae.scale_factor 0).
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scale_factor=cfg.vae.scale_factor or 1 / latent_std))
-        unet = build_unet(cfg)
-        unet.load_state_dict(load_file(unet_path))
         start = time.perf_counter()
-        out = score(cfg, root, unet.eval(), "")
+        out = score(cfg, root, unet, "")
         print(json.dumps({"guidance": float(guidance), "steps": int(steps),
                           "seconds": round(time.perf_counter() - start, 1), **out}), flush=True)
 

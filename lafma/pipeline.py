@@ -162,6 +162,10 @@ class LafmaPipeline(nn.Module):
                 out.append(self.vocoder(m[None])[0])
         return torch.stack(out)
 
+    def decode_chunk(self, device: torch.device) -> int | None:
+        """Latents :meth:`decode` takes at a time on ``device``; None: the whole batch."""
+        return self.decode_batch or (CPU_DECODE_BATCH if device.type == "cpu" else None)
+
     def decode(self, latents: Tensor, seeds: Sequence[int]) -> Tensor:
         """Sampled latents (B, C, T', F') → waveforms (B, T · hop), :attr:`decode_batch` at a time.
 
@@ -169,7 +173,7 @@ class LafmaPipeline(nn.Module):
         CPU: their activations outgrow the caches, and Griffin-Lim's FFTs are the same work a
         clip at any batch size (benchmarks/results/generate_cpu2.md). Each item's audio is its
         own either way (every layer is per item, the vocoder's phase comes from its seed)."""
-        n = self.decode_batch or (CPU_DECODE_BATCH if latents.device.type == "cpu" else len(latents))
+        n = self.decode_chunk(latents.device) or len(latents)
         out = []
         for i in range(0, len(latents), n):
             mel = self.vae.decode(latents[i : i + n] / self.scale_factor)  # (b, n_mels, T)
