@@ -104,9 +104,13 @@ class TextConfig:
     tiny_dim: int = 32
     tiny_layers: int = 2
     tiny_seed: int = 0
+    # The encoder's hidden states that make a token's embedding, concatenated (0: its input
+    # embedding layer, -1: its last layer, the paper's). See lafma.text.encoders.TextEncoder.
+    layers: tuple[int, ...] = (-1,)
 
     def validate(self, prefix: str = "text") -> None:
         require(self.max_length > 0, f"{prefix}.max_length", "must be positive")
+        require(len(self.layers) >= 1, f"{prefix}.layers", "must name at least one hidden state")
         require(self.tiny_dim > 0 and self.tiny_layers > 0, f"{prefix}.tiny_dim", "must be positive")
 
     @property
@@ -119,6 +123,11 @@ class TextConfig:
         produced, and the DAG stops before any training when the two differ
         (``pipelines.stages.text.TextStage.check``): set ``unet.context_dim`` then.
         """
+        return self._width * len(self.layers)
+
+    @property
+    def _width(self) -> int:
+        """One hidden state's width."""
         if self.kind == "tiny_t5":
             return self.tiny_dim
         local = _local_width(self.name_or_path)
@@ -236,6 +245,9 @@ class UNetConfig:
     # trained with train_lfm.variable_duration, the model generates any duration up to
     # audio.clip_seconds and refuses longer ones. Off: the paper's layout, any duration as before.
     duration_embedding: bool = False
+    # Two input channels holding each latent cell's position in time and frequency
+    # (lafma.unet.UNet): where a pattern goes within the clip. Off: the paper's layout.
+    position_channels: bool = False
 
     def validate(self, prefix: str = "unet") -> None:
         require(self.model_channels > 0 and self.model_channels % 32 == 0, f"{prefix}.model_channels",

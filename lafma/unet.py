@@ -39,6 +39,15 @@ def zero_module(m: nn.Module) -> nn.Module:
 DURATION_SCALE = 100.0
 
 
+def positions(x: Tensor) -> Tensor:
+    """Each latent cell's place in the clip, (B, C, T', F') → (B, 2, T', F'): time, then
+    frequency, each from -1 (start, lowest band) to 1 (end, highest band)."""
+    b, _, frames, bands = x.shape
+    time = torch.linspace(-1.0, 1.0, frames, device=x.device, dtype=x.dtype)[:, None].expand(frames, bands)
+    freq = torch.linspace(-1.0, 1.0, bands, device=x.device, dtype=x.dtype)[None, :].expand(frames, bands)
+    return torch.stack([time, freq])[None].expand(b, 2, frames, bands)  # (2, T', F') -> (B, 2, T', F')
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-5)
 
@@ -221,6 +230,16 @@ class UNet(nn.Module):
             (``train_lfm.variable_duration``) then knows how long the clip it is making lasts,
             which a convolution cannot see from the latent's shape. Off in the paper's UNet;
             off, the layers, the initial weights and the outputs are exactly those without it.
+        position_channels: give the first convolution two more input channels holding each
+            cell's position in time and frequency (CoordConv, Liu et al. 2018). Convolutions
+            are translation-equivariant and LDM's transformers have no positional embedding,
+            so the UNet otherwise knows where in the clip a cell lies only from the zero
+            padding at its edges, which a small UNet's receptive field carries a few frames in:
+            "a rising scale" (low notes first, high notes last) and "a swell" (loud in the
+            middle) need that place. Time runs over the latent being generated (a pattern
+            spans the clip at any duration; with ``duration_embedding`` the model also knows
+            how long that is). Off in the paper's UNet (the released weights have no such
+            channels); off, the layers and initial weights are exactly those without it.
     """
 
     def __init__(self, *, in_channels: int = 8, out_channels: int = 8, model_channels: int = 128,
@@ -228,8 +247,9 @@ class UNet(nn.Module):
                  attention_resolutions: tuple[int, ...] = (8, 4, 2), num_head_channels: int = 32,
                  num_heads: int = 0, transformer_depth: int = 1, context_dim: int = 1024,
                  use_scale_shift_norm: bool = False, dropout: float = 0.0, extra_attention: bool = False, time_scale: float = 999.0,
-                 pooled_context: bool = False, duration_embedding: bool = False):
+                 pooled_context: bool = False, duration_embedding: bool = False, position_channels: bool = False):
         super().__init__()
+        self.position_channels = position_channels
         self.model_channels = model_channels
         self.time_scale = time_scale
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
@@ -247,7 +267,7 @@ class UNet(nn.Module):
             return [SpatialTransformer(ch, heads, ch // heads, transformer_depth, context_dim, dropout)
                     for _ in range(n)]
 
-        self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(in_channels, model_channels, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Stage([nn.Conv2d(in_channels + 2 * position_channels, model_channels, 3, padding=1)])])
         skip_channels, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -288,7 +308,7 @@ class UNet(nn.Module):
                    transformer_depth=cfg.transformer_depth, context_dim=cfg.context_dim or context_dim,
                    use_scale_shift_norm=cfg.use_scale_shift_norm, dropout=cfg.dropout,
                    extra_attention=cfg.extra_attention, time_scale=time_scale, pooled_context=cfg.pooled_context,
-                   duration_embedding=cfg.duration_embedding)
+                   duration_embedding=cfg.duration_embedding, position_channels=cfg.position_channels)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, context_mask: Tensor | None = None,
                 duration: Tensor | None = None) -> Tensor:
@@ -316,7 +336,7 @@ class UNet(nn.Module):
         if duration is not None:
             seconds = duration.to(x.device).expand(x.shape[0]) * DURATION_SCALE  # (B,); one value is shared
             emb = emb + self.duration_embed(timestep_embedding(seconds, self.model_channels).to(emb.dtype))
-        h, skips = x, []
+        h, skips = (torch.cat([x, positions(x)], dim=1) if self.position_channels else x), []
         for block in self.input_blocks:
             h = block(h, emb, context, context_mask)
             skips.append(h)

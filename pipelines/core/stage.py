@@ -98,7 +98,8 @@ class Stage:
 ADDED_AT_DEFAULT: dict[str, Any] = {"init_from": "", "pretrained": "", "mid_attention": True,
                                     "upsample_padding": "exact", "num_heads": 0, "grid": "uniform",
                                     "null_caption": "masked", "peak": 0.95, "duration_embedding": False,
-                                    "variable_duration": False, "placement_strategy": "PACK"}
+                                    "variable_duration": False, "placement_strategy": "PACK",
+                                    "position_channels": False, "layers": [-1]}
 
 
 def _stable(value: Any) -> Any:

@@ -34,7 +34,7 @@ ARCHITECTURE = {
     "unet": {"unet": ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                       "attention_resolutions", "num_head_channels", "num_heads", "transformer_depth",
                       "context_dim", "use_scale_shift_norm", "extra_attention", "pooled_context",
-                      "duration_embedding"),
+                      "duration_embedding", "position_channels"),
              "flow": ("sigma_min", "time_scale"), "vae": ("scale_factor",)},
 }
 BUILD = {"unet": build_unet, "vae": build_vae, "vocoder": build_vocoder}

@@ -95,6 +95,21 @@ def test_a_bundle_written_before_the_duration_embedding_loads_and_generates_as_b
         assert pipe.generate(["a bell rings"], seeds=[3], steps=2, duration=seconds).audio.shape == (1, round(seconds * 16000))
 
 
+def test_a_bundle_with_position_channels_builds_them_and_an_older_one_does_not(tmp_path):
+    bundle = Path(duration_bundle(tmp_path, ["unet.position_channels=true"]))
+    first_conv = "input_blocks.0.0.weight"
+    pipe = load_bundle(str(bundle))
+    assert pipe.unet.position_channels and pipe.unet.state_dict()[first_conv].shape[1] == 8 + 2
+    out = pipe.generate(["a bell rings"], seeds=[3], steps=2).audio
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    manifest = json.loads((bundle / "lafma.json").read_text())
+    for entry in (manifest["config"], manifest["components"]["unet"]["config"]):
+        del entry["unet"]["position_channels"]  # as a bundle written before the key existed
+    (bundle / "lafma.json").write_text(json.dumps(manifest))
+    with pytest.raises(RuntimeError, match="size mismatch"):  # its weights are not a plain UNet's
+        load_bundle(str(bundle))
+
+
 def test_components_trained_on_other_mels_are_refused_when_written(tmp_path):
     components, weights, _ = export(tmp_path)
     (tmp_path / "b").mkdir()

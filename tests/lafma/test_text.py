@@ -75,3 +75,34 @@ def test_a_local_encoder_directory_states_its_own_width(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 96}')
     assert TextConfig(kind="minilm", name_or_path=str(tmp_path)).dim == 96
     assert TextConfig(kind="t5", name_or_path="google/flan-t5-base").dim == 768
+
+
+def test_layers_concatenate_the_chosen_hidden_states(tiny):
+    """``layers`` = (0, -1): each token is its input embedding, then its last layer's state."""
+    both = tiny_t5_encoder(dim=32, layers=2, seed=0, max_length=16, hidden_layers=(0, -1))
+    assert both.dim == 64 and TextConfig(kind="tiny_t5", tiny_dim=32, layers=(0, -1)).dim == 64
+    captions = ["a dog barks", "rain", ""]
+    last, mask = tiny(captions)
+    emb, both_mask = both(captions)
+    assert torch.equal(both_mask, mask) and emb.shape == (*last.shape[:2], 64)
+    torch.testing.assert_close(emb[..., 32:], last)  # the last layer, as the default gives it
+    ids = tiny.tokenizer(captions, padding=True, return_tensors="pt")["input_ids"]
+    words = tiny.model.get_input_embeddings()(ids) * mask[..., None]  # the input embedding layer
+    torch.testing.assert_close(emb[..., :32], words)
+    assert (emb[~mask] == 0).all()
+    # The unconditional input of the released sampler carries the same layers.
+    assert both.padded_empty(5)[0].shape == (1, 5, 64)
+    with pytest.raises(ValueError, match="at least one"):
+        tiny_t5_encoder(hidden_layers=())
+
+
+def test_minilm_input_layer_tells_antonyms_apart_where_its_last_layer_hardly_does():
+    """Why the demo conditions on MiniLM's input and last layers: its last layer, trained for
+    sentence similarity, maps "fast" and "slow" captions of one sound to nearly the same
+    vector, the tempo the demo's captions ask for; the input layer keeps the words apart."""
+    enc = minilm_encoder(layers=(0, -1))
+    emb, mask = enc(["soft fast ticking", "soft slow ticking"])
+    pooled = (emb * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (2, 768)
+    cos = [float(torch.nn.functional.cosine_similarity(pooled[0, s], pooled[1, s], dim=0))
+           for s in (slice(0, 384), slice(384, 768))]
+    assert cos[1] > 0.95 and cos[0] < cos[1] - 0.05, cos

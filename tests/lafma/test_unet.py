@@ -5,7 +5,7 @@ import torch
 
 from lafma.config import UNetConfig
 from lafma.flow import OTPath, flow_matching_loss, solve
-from lafma.unet import UNet
+from lafma.unet import UNet, positions
 
 
 def count(m: torch.nn.Module) -> int:
@@ -133,6 +133,35 @@ def test_the_duration_embedding_conditions_every_block_and_adds_only_its_own_lay
         torch.testing.assert_close(timed(x, t, ctx, duration=torch.full((2,), 2.5)), plain(x, t, ctx))
     with pytest.raises(ValueError, match="pass duration"):
         timed(x, t, ctx)
+
+
+def test_position_channels_tell_the_middle_of_a_clip_from_its_other_places():
+    """On an input that is the same everywhere, a UNet's output far from the edges is the same
+    at every frame (convolutions, GroupNorm and attention are blind to place there), so it
+    cannot put low notes first and high notes last; with the position channels it differs
+    frame to frame and band to band."""
+    torch.manual_seed(0)
+    x, t, ctx = torch.full((1, 8, 128, 64), 0.3), torch.tensor([0.5]), torch.randn(1, 3, 12)
+    for placed in (False, True):
+        unet = randomise(tiny_unet(position_channels=placed)).eval()
+        with torch.no_grad():
+            out = unet(x, t, ctx)[0]  # (C, T', F')
+        frames, bands = out[:, 60:68:2, 28:36], out[:, 60, 28:36:2]  # the interior, a downsample step apart
+        steps = [(frames - frames[:, :1]).abs().max(), (bands - bands[:, :1]).abs().max()]
+        assert all(s > 1e-3 for s in steps) if placed else all(s < 1e-5 for s in steps), steps
+    # The two channels: time, then frequency, from -1 at the start (lowest band) to 1.
+    pos = positions(torch.zeros(2, 8, 4, 3))
+    assert pos.shape == (2, 2, 4, 3)
+    torch.testing.assert_close(pos[1, 0, :, 2], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    torch.testing.assert_close(pos[0, 1, 3], torch.tensor([-1.0, 0.0, 1.0]))
+    # Only the first convolution changes: two more input channels.
+    torch.manual_seed(0)
+    plain = tiny_unet().state_dict()
+    torch.manual_seed(0)
+    placed = tiny_unet(position_channels=True).state_dict()
+    assert list(placed) == list(plain)
+    assert [k for k in plain if placed[k].shape != plain[k].shape] == ["input_blocks.0.0.weight"]
+    assert placed["input_blocks.0.0.weight"].shape[1] == plain["input_blocks.0.0.weight"].shape[1] + 2
 
 
 def test_time_scale_is_applied():

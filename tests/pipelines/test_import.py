@@ -246,6 +246,14 @@ def test_new_config_fields_at_their_defaults_leave_stage_hashes_unchanged():
     assert digest(old) == digest(new)
     assert digest(old) != digest({**new, "vae": {"ch": 32, "mid_attention": False}})
     assert digest(old) != digest({**new, "sampler": {"steps": 4, "grid": "released"}})
+    # The real sections, as the stages hash them: the fields added since, at their defaults, vanish.
+    from lafma.config import TextConfig, UNetConfig, to_dict
+
+    for section, added in ((TextConfig(), "layers"), (UNetConfig(), "position_channels")):
+        fields = to_dict(section)
+        assert digest(fields) == digest({k: v for k, v in fields.items() if k != added})
+    assert digest(to_dict(TextConfig(layers=(0, -1)))) != digest(to_dict(TextConfig()))
+    assert digest(to_dict(UNetConfig(position_channels=True))) != digest(to_dict(UNetConfig()))
 
 
 def test_a_registered_model_is_a_source_too(published, tmp_path):
